@@ -29,17 +29,18 @@ TINY_WORDS = (
 
 
 def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 16) -> UNet2DConditionModel:
-    """SDXL-shaped U-Net: no attention at the first level, 1 and 2 transformer layers below."""
+    """SDXL's topology in miniature: three levels, no attention at the first, then attention
+    at two resolutions (so routes are resampled between layers, as in SDXL)."""
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 1, 2),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,

@@ -1,0 +1,229 @@
+"""`AnyStoryAdapter`: every trainable AnyStory part in one diffusers model.
+
+- `subject_qformer` and `reference_net`: the subject encoder (stage 1), with the new
+  per-layer key/value projections W_hat (Eq. 5) and W_tilde (Eqs. 6-8);
+- `routing_qformer` and the per-layer `router`s: the router (stage 2).
+
+The base U-Net is never modified: `attach` installs routed attention processors that
+hold the per-layer parts, `detach` restores the processors it found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from safetensors import safe_open
+from torch import nn
+
+from .conditioning import SubjectEncodings
+from .qformer import QFormer
+from .reference_net import ReferenceNet
+from .routed_attention import RoutedCrossAttnProcessor, RoutedReferenceAttnProcessor
+from .router import RouterLayer
+from .topology import transformer_blocks, unet_config_dict
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+class AdapterWeightsError(ValueError):
+    """Adapter weights that do not match the adapter's configuration."""
+
+
+class AnyStoryLayer(nn.Module):
+    """The additions to one transformer block: W_hat (subject CLIP K/V), W_tilde (reference
+    K/V; none on layer 1, which has no preceding route) and the router layer."""
+
+    def __init__(
+        self, dim: int, heads: int, cross_attention_dim: int, routing_dim: int,
+        router_dim: int, router_heads: int, reference: bool,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.subject_k = nn.Linear(cross_attention_dim, dim, bias=False)
+        self.subject_v = nn.Linear(cross_attention_dim, dim, bias=False)
+        self.reference_k = nn.Linear(dim, dim, bias=False) if reference else None
+        self.reference_v = nn.Linear(dim, dim, bias=False) if reference else None
+        self.router = RouterLayer(routing_dim, dim, router_dim, router_heads)
+
+    @torch.no_grad()
+    def init_from_block(self, block: nn.Module) -> None:
+        """Start the new projections from the block's own (as IP-Adapter does)."""
+        self.subject_k.weight.copy_(block.attn2.to_k.weight)
+        self.subject_v.weight.copy_(block.attn2.to_v.weight)
+        if self.reference_k is not None:
+            self.reference_k.weight.copy_(block.attn1.to_k.weight)
+            self.reference_v.weight.copy_(block.attn1.to_v.weight)
+
+
+class AnyStoryAdapter(ModelMixin, ConfigMixin):
+    """All trainable AnyStory parts for one U-Net topology."""
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict,
+        image_embed_dim: int = 1280,
+        num_subject_tokens: int = 64,
+        qformer_dim: int = 1024,
+        qformer_depth: int = 4,
+        qformer_heads: int = 16,
+        routing_dim: int = 1024,
+        router_dim: int = 256,
+        router_heads: int = 4,
+        reference_size: int = 512,
+        max_subjects: int = 8,
+        router_trained: bool = False,
+    ):
+        super().__init__()
+        cross_dim = unet_config["cross_attention_dim"]
+        self.subject_qformer = QFormer(
+            image_embed_dim, cross_dim, num_subject_tokens, qformer_dim, qformer_depth, qformer_heads
+        )
+        self.routing_qformer = QFormer(image_embed_dim, routing_dim, 1, qformer_dim, qformer_depth, qformer_heads)
+        self.reference_net = ReferenceNet(unet_config)
+        blocks = transformer_blocks(self.reference_net.unet)
+        self.layers = nn.ModuleList(
+            AnyStoryLayer(
+                block.attn1.query_dim, block.attn1.heads, cross_dim, routing_dim,
+                router_dim, router_heads, reference=layer > 0,
+            )
+            for layer, block in enumerate(blocks)
+        )
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, **config) -> "AnyStoryAdapter":
+        """A fresh adapter for `unet`: ReferenceNet and projections start from its weights."""
+        with torch.device(unet.device):
+            adapter = cls(unet_config=unet_config_dict(unet), **config)
+        adapter.reference_net.load_unet_weights(unet)
+        for layer, block in zip(adapter.layers, transformer_blocks(unet)):
+            layer.init_from_block(block)
+        return adapter if adapter.dtype == unet.dtype else adapter.to(unet.dtype)
+
+    # -- the parameter groups of the two training stages --------------------------------
+
+    def subject_encoder_parameters(self) -> list[nn.Parameter]:
+        """Stage 1: subject QFormer, ReferenceNet, W_hat and W_tilde."""
+        params = [*self.subject_qformer.parameters(), *self.reference_net.parameters()]
+        for layer in self.layers:
+            for proj in (layer.subject_k, layer.subject_v, layer.reference_k, layer.reference_v):
+                if proj is not None:
+                    params += list(proj.parameters())
+        return params
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """Stage 2: routing QFormer and every router layer."""
+        return [*self.routing_qformer.parameters(), *(p for layer in self.layers for p in layer.router.parameters())]
+
+    # -- attaching to a U-Net ----------------------------------------------------------------
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        """Install the routed processors on `unet` (its own weights stay untouched).
+
+        The processors hold this adapter's per-layer modules, so they move with the U-Net
+        (`.to`, CPU offload). Freeze the U-Net before attaching if you train.
+        """
+        blocks = transformer_blocks(unet)
+        self._check_topology(blocks)
+        for layer, (block, parts) in enumerate(zip(blocks, self.layers)):
+            if isinstance(block.attn1.processor, RoutedReferenceAttnProcessor):
+                raise RuntimeError("an AnyStory adapter is already attached to this U-Net; detach it first")
+            block.attn1.set_processor(RoutedReferenceAttnProcessor(layer, parts, block.attn1.processor))
+            block.attn2.set_processor(RoutedCrossAttnProcessor(layer, parts, block.attn2.processor))
+
+    @staticmethod
+    def detach(unet: UNet2DConditionModel) -> None:
+        """Restore the processors that `attach` replaced."""
+        for block in transformer_blocks(unet):
+            for attn in (block.attn1, block.attn2):
+                if isinstance(attn.processor, (RoutedReferenceAttnProcessor, RoutedCrossAttnProcessor)):
+                    attn.set_processor(attn.processor.original)
+
+    def _check_topology(self, blocks: list) -> None:
+        dims = [block.attn1.query_dim for block in blocks]
+        expected = [layer.subject_k.out_features for layer in self.layers]
+        if dims != expected:
+            raise ValueError(
+                f"adapter was built for a U-Net with {len(expected)} transformer blocks of widths "
+                f"{sorted(set(expected))}, this U-Net has {len(dims)} of widths {sorted(set(dims))}"
+            )
+        cross = {block.attn2.to_k.in_features for block in blocks}
+        if cross != {self.config.unet_config["cross_attention_dim"]}:
+            raise ValueError(f"adapter expects text width {self.config.unet_config['cross_attention_dim']}, U-Net has {cross}")
+
+    # -- encoding subjects --------------------------------------------------------------------
+
+    def encode(
+        self,
+        clip_states: torch.Tensor,
+        reference_latents: torch.Tensor,
+        reference_masks: torch.Tensor,
+        pixel_size: tuple[int, int],
+        names: list[str] | None = None,
+    ) -> SubjectEncodings:
+        """Encode N subjects. clip_states: (N+1, T, image_embed_dim) penultimate CLIP states,
+        the last row from the all-zero image; reference_latents: (N, C, h, w);
+        reference_masks: (N, 1, h, w)."""
+        tokens = self.subject_qformer(clip_states)
+        routing = self.routing_qformer(clip_states)[:, 0]
+        states = self.reference_net(reference_latents, reference_masks, pixel_size)
+        return SubjectEncodings(
+            subject_tokens=tokens[:-1],
+            null_tokens=tokens[-1:],
+            routing_features=routing[:-1],
+            background_routing=routing[-1:],
+            reference_states=states,
+            names=list(names or []),
+        )
+
+    # -- loading with clear errors --------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, allow_pickle: bool = False, **kwargs):
+        """Load from a local folder of safetensors weights; mismatched weights raise
+        `AdapterWeightsError` naming the keys. Pickle checkpoints need `allow_pickle=True`."""
+        folder = Path(pretrained_model_name_or_path)
+        subfolder = kwargs.get("subfolder")
+        if subfolder:
+            folder = folder / subfolder
+        weights = folder / WEIGHTS_NAME
+        if folder.is_dir() and not weights.exists():
+            if any(folder.glob("*.bin")) and not allow_pickle:
+                raise AdapterWeightsError(
+                    f"{folder} holds only pickle weights (.bin); they can run arbitrary code when "
+                    "loaded. Convert them to safetensors or pass allow_pickle=True if you trust them."
+                )
+            if not any(folder.glob("*.bin")):
+                raise AdapterWeightsError(f"no adapter weights ({WEIGHTS_NAME}) in {folder}")
+        if weights.exists():
+            _check_weights(folder, weights)
+            kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _check_weights(folder: Path, weights: Path) -> None:
+    """Compare the file's keys and shapes with what the config builds (on the meta device)."""
+    config = json.loads((folder / "config.json").read_text())
+    init = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AnyStoryAdapter(**init).state_dict().items()}
+    with safe_open(weights, framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(f"{len(mismatched)} with the wrong shape (e.g. {k}: file {found[k]}, expected {expected[k]})")
+    if problems:
+        raise AdapterWeightsError(f"adapter weights in {weights} do not match its config: " + "; ".join(problems))

@@ -1,0 +1,295 @@
+"""Routed attention processors: where AnyStory's conditions enter the U-Net.
+
+Two diffusers attention processors, one pair per transformer block l:
+
+- `RoutedCrossAttnProcessor` replaces `attn2` (Eq. 5): text cross-attention plus, at each
+  position, eta times the attention to the CLIP tokens of the subject (or background)
+  the router sends it to. It also runs the router and stores the layer's hard route.
+- `RoutedReferenceAttnProcessor` replaces `attn1` (Eqs. 6-8): self-attention whose keys
+  and values are extended with the ReferenceNet tokens of the subject that the previous
+  layer's route assigns to each position; background positions see only their own.
+
+Hard routing sends each query to exactly one condition, so queries are grouped per
+route and every attention call stays mask-free (no materialised bias, fast kernels).
+With no state (no subjects), both delegate to the processor they replaced, so the
+U-Net computes exactly what it did before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .conditioning import AnyStoryState, RecordedMaps
+from .router import hard_route
+from .topology import grid_size
+
+SDPA = F.scaled_dot_product_attention
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, heads * D) -> (..., heads, L, D)"""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, D) -> (B, L, heads * D)"""
+    return x.transpose(1, 2).flatten(2)
+
+
+def attend_by_route(
+    query: torch.Tensor, route: torch.Tensor, attend: Callable[[int, int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Group query positions by their route and attend each group with `attend(b, i, q)`.
+
+    query: (B, H, L, D); route: (B, L) ints. Every position gets exactly one group.
+    """
+    out = torch.empty_like(query)
+    for b in range(query.shape[0]):
+        routes = route[b].unique()
+        if routes.numel() == 1:
+            out[b] = attend(b, int(routes), query[b])
+            continue
+        for i in routes.tolist():
+            index = (route[b] == i).nonzero().squeeze(1)
+            out[b, :, index] = attend(b, i, query[b, :, index])
+    return out
+
+
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ref_key: torch.Tensor,
+    ref_value: torch.Tensor,
+    route: torch.Tensor | None,
+    shift: float = 0.0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eqs. 6-8. query/key/value: (B, H, L, D); ref_key/ref_value: (B, N, H, S, D);
+    route: (B, L) in [0, N] (N = background) or None (every subject everywhere);
+    shift: gamma, added to the logits of reference keys; valid: (B, N) bool."""
+    batch, num_subjects = query.shape[0], ref_key.shape[1]
+    ref_key, ref_value = ref_key.expand(batch, -1, -1, -1, -1), ref_value.expand(batch, -1, -1, -1, -1)
+    if route is None:
+        keys = torch.cat([key, ref_key.transpose(1, 2).flatten(2, 3)], dim=2)
+        values = torch.cat([value, ref_value.transpose(1, 2).flatten(2, 3)], dim=2)
+        return SDPA(query, keys, values, attn_mask=_reference_bias(key, ref_key, shift, valid))
+    bias = _reference_bias(key[:1], ref_key[:1, :1], shift, None)
+
+    def attend(b: int, i: int, q: torch.Tensor) -> torch.Tensor:
+        if i == num_subjects:
+            return SDPA(q, key[b], value[b])
+        keys = torch.cat([key[b], ref_key[b, i]], dim=1)
+        values = torch.cat([value[b], ref_value[b, i]], dim=1)
+        return SDPA(q, keys, values, attn_mask=None if bias is None else bias[0])
+
+    return attend_by_route(query, route, attend)
+
+
+def _reference_bias(key, ref_key, shift: float, valid) -> torch.Tensor | None:
+    """Per-key additive bias (B, 1, 1, L + N*S): 0 on own keys, gamma on reference keys,
+    -inf on padded subjects. A broadcast vector, never a (queries x keys) matrix."""
+    if shift == 0.0 and valid is None:
+        return None
+    batch, num_subjects, _, ref_len, _ = ref_key.shape
+    ref_bias = key.new_full((batch, num_subjects, ref_len), shift)
+    if valid is not None:
+        ref_bias = ref_bias.masked_fill(~valid[..., None], float("-inf"))
+    own_bias = key.new_zeros(batch, key.shape[2])
+    return torch.cat([own_bias, ref_bias.flatten(1)], dim=1)[:, None, None]
+
+
+def subject_attention(
+    query: torch.Tensor,
+    subject_key: torch.Tensor,
+    subject_value: torch.Tensor,
+    sigma: torch.Tensor | None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sum over i of sigma(M_i) * Attn(Q, E_i W_k, E_i W_v) of Eq. 5.
+
+    query: (B, H, L, D); subject_key/value: (B, N+1, H, T, D), entry N = background;
+    sigma: (B, N+1, L) hard routes, or None (no router: every subject everywhere, the
+    background nowhere); valid: (B, N) bool.
+    """
+    batch, entries = subject_key.shape[:2]
+    if sigma is None:
+        per_subject = SDPA(query[:, None].expand(-1, entries - 1, -1, -1, -1), subject_key[:, :-1], subject_value[:, :-1])
+        weight = torch.ones(batch, entries - 1, device=query.device, dtype=query.dtype)
+        if valid is not None:
+            weight = weight * valid.to(query.dtype)
+        return torch.einsum("bnhld,bn->bhld", per_subject, weight)
+    if sigma.requires_grad:
+        # Straight-through training: every entry's attention is needed for the gradient of sigma.
+        per_entry = SDPA(query[:, None].expand(-1, entries, -1, -1, -1), subject_key, subject_value)
+        return torch.einsum("bnhld,bnl->bhld", per_entry, sigma.to(query.dtype))
+    return attend_by_route(
+        query, sigma.argmax(dim=1), lambda b, i, q: SDPA(q, subject_key[b, i], subject_value[b, i])
+    )
+
+
+class _RoutedProcessor(nn.Module):
+    """Shared plumbing: the layer's trainable parts and the processor it replaced."""
+
+    def __init__(self, layer: int, parts: nn.Module, original):
+        super().__init__()
+        self.layer = layer
+        self.parts = parts
+        self._original = [original]  # a list, so an nn.Module original is not re-registered
+
+    @property
+    def original(self):
+        return self._original[0]
+
+    @staticmethod
+    def _project(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor):
+        heads = attn.heads
+        query = split_heads(attn.to_q(hidden_states), heads)
+        key = split_heads(attn.to_k(context), heads)
+        value = split_heads(attn.to_v(context), heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key, value
+
+    @staticmethod
+    def _output(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out = attn.to_out[1](attn.to_out[0](merge_heads(out)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _check_supported(attn: Attention, hidden_states: torch.Tensor) -> None:
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError(
+                "AnyStory's routed attention supports transformer-block attention on (B, L, C) tokens "
+                "(SDXL's); this attention uses spatial/group norm or 4-D inputs"
+            )
+
+
+class RoutedCrossAttnProcessor(_RoutedProcessor):
+    """attn2 of layer l: routing plus route-guided CLIP injection (Eq. 5)."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        anystory: AnyStoryState | None = None,
+    ) -> torch.Tensor:
+        if anystory is None or not anystory.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self._check_supported(attn, hidden_states)
+        state, batch = anystory, hidden_states.shape[0]
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = self._project(attn, hidden_states, context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        text = SDPA(query, key, value, attn_mask=attention_mask)
+
+        sigma = self._route(state, hidden_states)
+        subject_key, subject_value = state.projected(("subject", self.layer), lambda: self._subject_kv(state))
+        if attn.norm_k is not None:
+            subject_key = attn.norm_k(subject_key)
+        subject = subject_attention(query, subject_key, subject_value, sigma, state.subject_valid)
+        return self._output(attn, text + state.subject_scale * subject, hidden_states)
+
+    def _subject_kv(self, state: AnyStoryState) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = state.subject_tokens
+        heads = self.parts.heads
+        return split_heads(self.parts.subject_k(tokens), heads), split_heads(self.parts.subject_v(tokens), heads)
+
+    def _route(self, state: AnyStoryState, latent: torch.Tensor) -> torch.Tensor | None:
+        """sigma(M^l), (B, N+1, L), stored for the next layer's reference attention."""
+        grid = grid_size(latent.shape[1], state.latent_size)
+        if state.layout_masks is not None:
+            sigma = layout_route(state.layout_masks, grid).to(latent.dtype)
+        elif state.routing_features is not None:
+            logits = self.parts.router(state.routing_features.to(latent.dtype), latent, state.entry_valid())
+            sigma = hard_route(logits.refined, state.gumbel_tau)
+            self._supervise_and_record(state, logits, grid)
+        else:
+            sigma = None
+        state.routes[self.layer] = (sigma, grid)
+        return sigma
+
+    def _supervise_and_record(self, state: AnyStoryState, logits, grid: tuple[int, int]) -> None:
+        if state.target_masks is not None:
+            target = F.interpolate(state.target_masks.to(logits.refined.dtype), size=grid, mode="area").flatten(2)
+            state.routing_losses.append(routing_loss(logits.refined, target, state.subject_valid))
+            state.coarse_routing_losses.append(routing_loss(logits.coarse, target, state.subject_valid))
+        if state.record_maps:
+            state.recorded[self.layer] = RecordedMaps(
+                coarse=logits.coarse.detach().softmax(dim=1).unflatten(-1, grid).float().cpu(),
+                refined=logits.refined.detach().softmax(dim=1).unflatten(-1, grid).float().cpu(),
+            )
+
+
+class RoutedReferenceAttnProcessor(_RoutedProcessor):
+    """attn1 of layer l >= 2: route-guided reference attention (Eqs. 6-8)."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        anystory: AnyStoryState | None = None,
+    ) -> torch.Tensor:
+        if anystory is None or not anystory.active or self.parts.reference_k is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self._check_supported(attn, hidden_states)
+        if attention_mask is not None:
+            raise NotImplementedError("reference attention does not take a self-attention mask")
+        state = anystory
+        query, key, value = self._project(attn, hidden_states, hidden_states)
+        ref_key, ref_value = state.projected(("reference", self.layer), lambda: self._reference_kv(state))
+        if attn.norm_k is not None:
+            ref_key = attn.norm_k(ref_key)
+        route = state.previous_route(self.layer, grid_size(hidden_states.shape[1], state.latent_size))
+        out = reference_attention(
+            query, key, value, ref_key, ref_value, route, state.reference_shift, state.subject_valid
+        )
+        return self._output(attn, out, hidden_states)
+
+    def _reference_kv(self, state: AnyStoryState) -> tuple[torch.Tensor, torch.Tensor]:
+        states = state.reference_states[self.layer]
+        heads = self.parts.heads
+        return split_heads(self.parts.reference_k(states), heads), split_heads(self.parts.reference_v(states), heads)
+
+
+def layout_route(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Hard routes (B, N+1, h*w) from user masks (B, N, H, W): each position goes to the
+    subject covering most of it, or to the background where none covers half of it."""
+    coverage = F.interpolate(masks.float(), size=grid, mode="area").flatten(2)
+    background = coverage.new_full((coverage.shape[0], 1, coverage.shape[2]), 0.5)
+    scores = torch.cat([coverage, background], dim=1)
+    return F.one_hot(scores.argmax(dim=1), scores.shape[1]).transpose(1, 2).float()
+
+
+def routing_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 4 for one layer (before lambda): mean over subjects of ||M_i - M_i^gt||^2.
+
+    The squared error is averaged over positions rather than summed, so that layers of
+    every resolution weigh the same (the paper does not say which; a sum would let the
+    64x64 layers dominate).
+    """
+    maps = logits.softmax(dim=1)[:, :-1]
+    error = (maps - target).pow(2).mean(dim=-1)
+    if valid is None:
+        return error.mean()
+    weight = valid.to(error.dtype)
+    return (error * weight).sum() / weight.sum().clamp(min=1)

@@ -1,0 +1,3 @@
+from .pipeline_anystory_sdxl import AnyStoryPipelineOutput, AnyStorySDXLPipeline, RoutingMaps
+
+__all__ = ["AnyStoryPipelineOutput", "AnyStorySDXLPipeline", "RoutingMaps"]
