@@ -26,17 +26,18 @@ def _load(loader, path: Path, what: str, **kwargs):
     try:
         return loader.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as error:
-        hint = " (no safetensors weights: convert them, or pass allow_pickle=True if you trust the files)" if (
-            kwargs.get("use_safetensors") and "safetensors" in str(error).lower()
-        ) else ""
-        raise MetricModelError(f"cannot load the {what} from {path}{hint}: {error}") from error
+        raise MetricModelError(f"cannot load the {what} from {path}: {error}") from error
 
 
-def _local_folder(path: str | Path, what: str) -> Path:
+def _local_folder(path: str | Path, what: str, allow_pickle: bool) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise MetricModelError(
             f"the {what} must be a local model folder (saved with `save_pretrained`); not found: {path}"
+        )
+    if not allow_pickle and not any(path.glob("*.safetensors")):
+        raise MetricModelError(
+            f"no safetensors weights in {path}: convert them, or pass allow_pickle=True if you trust the files"
         )
     return path
 
@@ -66,8 +67,8 @@ class MetricModels:
     ) -> "MetricModels":
         """Load both metric models from local folders; pickle weights only if `allow_pickle`."""
         use_safetensors = None if allow_pickle else True
-        dino_path = _local_folder(dino_path, "DINO model")
-        clip_path = _local_folder(clip_path, "CLIP model")
+        dino_path = _local_folder(dino_path, "DINO model", allow_pickle)
+        clip_path = _local_folder(clip_path, "CLIP model", allow_pickle)
         dino = _load(AutoModel, dino_path, "DINO model", use_safetensors=use_safetensors)
         clip = _load(CLIPModel, clip_path, "CLIP model", use_safetensors=use_safetensors)
         return cls(
