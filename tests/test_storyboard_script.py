@@ -22,7 +22,9 @@ def write_script(folder: Path, data: dict, name: str = "story.yaml") -> Path:
 def story_dir(tmp_path):
     (tmp_path / "refs").mkdir()
     Image.new("RGB", (16, 16), "red").save(tmp_path / "refs" / "max.png")
-    Image.new("L", (16, 16), 255).save(tmp_path / "refs" / "max_mask.png")
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (2, 3, 12, 14))
+    mask.save(tmp_path / "refs" / "max_mask.png")
     return tmp_path
 
 
@@ -197,3 +199,125 @@ def test_contact_sheet_wraps_long_captions_and_checks_lengths():
     assert long.width == short.width and long.height > short.height
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         contact_sheet([image, image], ["one"])
+
+
+# --- running a story with a tiny random pipeline ---------------------------------------
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from anystory import AnyStoryAdapter, AnyStorySDXLPipeline, matting  # noqa: E402
+from anystory.storyboard import run_storyboard  # noqa: E402
+from anystory.testing import tiny_sdxl_components  # noqa: E402
+
+TINY_ADAPTER = dict(
+    image_embed_dim=24, num_subject_tokens=4, qformer_dim=32, qformer_heads=4,
+    routing_dim=32, router_dim=16, router_heads=2, reference_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    components = tiny_sdxl_components(seed=0)
+    torch.manual_seed(1)
+    adapter = AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER)
+    with torch.no_grad():  # a fresh adapter mirrors the U-Net; perturb it as training would
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return AnyStorySDXLPipeline(**components, adapter=adapter)
+
+
+class SpyPipe:
+    """Records what the story asks of the pipeline: encodings and generation calls."""
+
+    def __init__(self, pipe):
+        self.pipe, self.encoded, self.calls = pipe, [], []
+
+    def encode_subjects(self, subjects):
+        self.encoded.append([s.name for s in subjects])
+        return self.pipe.encode_subjects(subjects)
+
+    def __call__(self, prompt, subjects=None, generator=None, **kwargs):
+        seeds = [g.initial_seed() for g in (generator if isinstance(generator, list) else [generator])]
+        self.calls.append((prompt, None if subjects is None else subjects.names, seeds))
+        return self.pipe(prompt=prompt, subjects=subjects, generator=generator, **kwargs)
+
+
+def centre_box(image):
+    mask = np.zeros((image.height, image.width), dtype=bool)
+    mask[image.height // 4: 3 * image.height // 4, image.width // 4: 3 * image.width // 4] = True
+    return mask
+
+
+@pytest.fixture
+def box_matting(monkeypatch):
+    monkeypatch.setattr(matting, "_BACKENDS", {})
+    matting.register_matting_backend("box", centre_box)
+
+
+def test_story_encodes_each_character_once_and_gives_each_frame_its_cast(story_dir, tiny_pipe, box_matting):
+    story = Storyboard.load(write_script(story_dir, native_script()))
+    rows = []
+    hook = tiny_pipe.image_encoder.register_forward_hook(lambda m, args, kwargs_out: rows.append(args[0].shape[0]))
+    spy = SpyPipe(tiny_pipe)
+    try:
+        result = run_storyboard(spy, story, story_dir / "out", num_inference_steps=2, progress=False)
+    finally:
+        hook.remove()
+
+    assert spy.encoded == [["Max", "Ada"]]
+    assert rows == [3]  # one CLIP pass for the whole story: two characters and the null image
+    creation, *frames = spy.calls
+    assert creation == ("an old woman in a red raincoat.", None, [0])
+    assert frames == [
+        (["a corgi dog runs on the beach"], ["Max"], [0]),
+        (["an old woman in a red raincoat walks a corgi dog along the pier"], ["Ada", "Max"], [7]),
+        (["an empty pier at night"], ["Ada"], [0]),
+    ]
+    out = story_dir / "out"
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["001.png", "002.png", "003.png"]
+    assert Image.open(out / "contact_sheet.png").size == result.contact_sheet.size
+    [cutout] = list((out / "characters").iterdir())
+    assert cutout.name.startswith("Ada-") and Image.open(cutout).mode == "RGBA"
+    ada = result.characters["Ada"]
+    assert np.array_equal(ada.mask, centre_box(ada.image))  # the matte of the created image
+    assert result.characters["Max"].mask.sum() == 10 * 11  # Max's given mask, not a matte
+    assert set(result.frames) == {1, 2, 3} and result.frames[2].size == ada.image.size
+
+
+def test_rerun_reuses_created_characters_until_their_prompt_changes(story_dir, tiny_pipe, box_matting):
+    script = native_script(frames=[{"prompt": "Ada sits"}])
+    story = Storyboard.load(write_script(story_dir, script))
+    first, second = SpyPipe(tiny_pipe), SpyPipe(tiny_pipe)
+    a = run_storyboard(first, story, story_dir / "out", num_inference_steps=2, progress=False)
+    b = run_storyboard(second, story, story_dir / "out", num_inference_steps=2, progress=False)
+    assert len(first.calls) == 2 and len(second.calls) == 1  # no second creation of Ada
+    assert np.array_equal(np.asarray(a.frames[1]), np.asarray(b.frames[1]))
+    script["characters"][1]["prompt"] = "a young boy"
+    third = SpyPipe(tiny_pipe)
+    run_storyboard(third, Storyboard.load(write_script(story_dir, script)), story_dir / "out",
+                   num_inference_steps=2, progress=False)
+    assert third.calls[0][0] == "a young boy" and len(third.calls) == 2
+
+
+def test_batched_frames_equal_frames_made_one_by_one(story_dir, tiny_pipe):
+    max_ = Character("Max", image=story_dir / "refs" / "max.png", mask=story_dir / "refs" / "max_mask.png")
+    story = Storyboard((max_,), tuple(Frame(f"Max {w}", seed=s, index=s) for w, s in (("sits", 1), ("runs", 2), ("naps", 3))))
+    single, batched = SpyPipe(tiny_pipe), SpyPipe(tiny_pipe)
+    one = run_storyboard(single, story, story_dir / "one", num_inference_steps=2, progress=False)
+    many = run_storyboard(batched, story, story_dir / "many", num_inference_steps=2, batch_size=3, progress=False)
+    assert len(single.calls) == 3 and len(batched.calls) == 1
+    assert batched.calls[0][2] == [1, 2, 3]
+    for index in (1, 2, 3):
+        difference = np.abs(np.asarray(one.frames[index], dtype=int) - np.asarray(many.frames[index], dtype=int))
+        assert difference.max() <= 2
+    assert not np.array_equal(np.asarray(one.frames[1]), np.asarray(one.frames[2]))  # seeds matter
+
+
+def test_official_script_runs_as_it_is(tmp_path, tiny_pipe, box_matting):
+    story = Storyboard.load(OFFICIAL / "013420.json")
+    spy = SpyPipe(tiny_pipe)
+    result = run_storyboard(spy, story, tmp_path, num_inference_steps=1, batch_size=5, progress=False)
+    assert [c[1] for c in spy.calls] == [None, None, ["ROLE-A", "ROLE-B"]]  # two creations, one batch
+    assert sorted(result.frames) == [1, 2, 3, 4, 5]
+    assert (tmp_path / "contact_sheet.png").is_file()

@@ -37,10 +37,16 @@ characters, created from `simple_prompt`; `分镜头` (shots: `序号` index, `p
 `act_roles`, `旁白` narration) becomes the frames; `故事梗概` (synopsis) the title. As in
 the official release, aliases in a shot's prompt are replaced by the character's
 `simple_prompt`, and its acting characters are `act_roles` plus the aliases it names.
+SDXL's text encoders read 77 tokens, so keep descriptions short: long official prompts
+are truncated.
+
+`run_storyboard(pipe, storyboard, out_dir)` generates the story: characters are created
+(and segmented) if needed, encoded once, and every frame selects its cast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -50,8 +56,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from .matting import MattingBackend, extract_mask, matted_subject
+from .subject import Subject
 
 OFFICIAL_CHARACTERS, OFFICIAL_SHOTS, OFFICIAL_SYNOPSIS = "角色表", "分镜头", "故事梗概"
 OFFICIAL_NAME, OFFICIAL_INDEX, OFFICIAL_NARRATION = "角色名", "序号", "旁白"
@@ -370,14 +382,15 @@ def contact_sheet(
     images: Sequence[Image.Image],
     captions: Sequence[str],
     columns: int | None = None,
-    font_size: int = 14,
+    font_size: int | None = None,
     padding: int = 8,
     max_caption_lines: int = 4,
 ) -> Image.Image:
     """Lay images out on a grid, each with its caption underneath, to see a story at once.
 
     Tiles take the size of the largest image (smaller ones are centred); captions are
-    wrapped to the tile width and cut after `max_caption_lines` lines.
+    wrapped to the tile width and cut after `max_caption_lines` lines. The font size
+    defaults to a fortieth of the tile width (at least 12 px).
     """
     if not images:
         raise ValueError("contact_sheet needs at least one image")
@@ -387,6 +400,7 @@ def contact_sheet(
     rows = math.ceil(len(images) / columns)
     tile_w = max(image.width for image in images)
     tile_h = max(image.height for image in images)
+    font_size = font_size or max(12, tile_w // 40)
     font = ImageFont.load_default(size=font_size)
     wrapped = [_wrap(caption, font, tile_w, max_caption_lines) for caption in captions]
     line_h = font_size + 4
@@ -415,3 +429,95 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -
         lines = lines[:max_lines]
         lines[-1] = lines[-1][: max(len(lines[-1]) - 1, 0)] + "…"
     return lines
+
+
+@dataclass
+class StoryResult:
+    """A generated story: frames by index, the cast as encoded, and the contact sheet."""
+
+    frames: dict[int, Image.Image]
+    characters: dict[str, Subject]
+    contact_sheet: Image.Image
+
+
+def run_storyboard(
+    pipe,
+    storyboard: Storyboard,
+    out_dir: str | Path,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 1,
+    matting: str | Path | MattingBackend | None = None,
+    progress: bool = True,
+    **pipe_kwargs,
+) -> StoryResult:
+    """Generate every frame of a story with an `AnyStorySDXLPipeline`.
+
+    Characters without a reference image are first generated from their prompt and
+    segmented (`matting`: see `anystory.matting`); they are cached in
+    `out_dir/characters`, so a re-run reuses them. Every character is encoded once and
+    each frame selects its cast from these encodings. Consecutive frames with the same
+    cast are generated `batch_size` at a time, each with its own seed. Writes
+    `out_dir/frames/<index>.png` and `out_dir/contact_sheet.png`.
+    `pipe_kwargs` (height, width, subject_scale, reference_shift, use_router, ...) go to
+    every pipeline call.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **pipe_kwargs)
+    cast = {
+        c.alias: _cast_member(pipe, storyboard, c, out_dir / "characters", matting, settings)
+        for c in tqdm(storyboard.characters, desc="characters", disable=not progress)
+    }
+    aliases = list(cast)
+    encodings = pipe.encode_subjects(list(cast.values())) if cast else None
+    (out_dir / "frames").mkdir(parents=True, exist_ok=True)
+    frames: dict[int, Image.Image] = {}
+    for group in tqdm(_batches(storyboard, batch_size), desc="frames", disable=not progress):
+        acting = storyboard.acting(group[0])
+        subjects = encodings.select([aliases.index(a) for a in acting]) if acting else None
+        images = pipe(
+            prompt=[storyboard.frame_prompt(f) for f in group],
+            subjects=subjects,
+            generator=[torch.Generator().manual_seed(storyboard.frame_seed(f)) for f in group],
+            **settings,
+        ).images
+        for frame, image in zip(group, images):
+            image.save(out_dir / "frames" / f"{frame.index:03d}.png")
+            frames[frame.index] = image
+    sheet = contact_sheet(
+        [frames[f.index] for f in storyboard.frames],
+        [f"{f.index}. {f.prompt}" for f in storyboard.frames],
+    )
+    sheet.save(out_dir / "contact_sheet.png")
+    return StoryResult(frames=frames, characters=cast, contact_sheet=sheet)
+
+
+def _batches(storyboard: Storyboard, batch_size: int) -> list[list[Frame]]:
+    """Consecutive frames with the same cast, at most `batch_size` together."""
+    batches: list[list[Frame]] = []
+    for frame in storyboard.frames:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and storyboard.acting(last[0]) == storyboard.acting(frame):
+            last.append(frame)
+        else:
+            batches.append([frame])
+    return batches
+
+
+def _cast_member(pipe, storyboard: Storyboard, character: Character, cache: Path, matting, settings: dict) -> Subject:
+    """The character as a `Subject`: its reference (masked), or created once and cached as
+    an RGBA cut-out whose alpha is the mask."""
+    if not character.needs_creation:
+        return matted_subject(character.image, character.mask, backend=matting, name=character.alias)
+    prompt = storyboard.character_prompt(character)
+    key = hashlib.sha1(repr((prompt, storyboard.seed, sorted(settings.items()))).encode()).hexdigest()[:10]
+    path = cache / (re.sub(r"[^\w.-]", "_", character.alias) + f"-{key}.png")
+    if not path.is_file():
+        image = pipe(prompt=prompt, generator=torch.Generator().manual_seed(storyboard.seed), **settings).images[0]
+        cutout = image.convert("RGBA")
+        cutout.putalpha(Image.fromarray(extract_mask(image, matting).astype(np.uint8) * 255))
+        cache.mkdir(parents=True, exist_ok=True)
+        cutout.save(path)
+    return Subject(path, name=character.alias)
