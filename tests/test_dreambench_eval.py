@@ -35,7 +35,7 @@ from anystory.evaluation import (
 from anystory.utils.tokenizer import build_word_tokenizer
 
 SUBSET = Path(__file__).parent / "fixtures" / "dreambench-subset"
-WORDS = "a an and the dog teapot vase cartoon in jungle snow red hat wearing on beach".split()
+WORDS = ["a", "an", "and", "the", "dog", "teapot", "vase", "cartoon", "in", "jungle", "snow", "red", "hat", "wearing", "on", "beach"]
 
 
 def pickle_weights(folder: Path) -> None:

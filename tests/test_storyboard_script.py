@@ -3,11 +3,15 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from anystory.storyboard import Character, Frame, Storyboard, StoryboardError, contact_sheet
+from anystory import AnyStoryAdapter, AnyStorySDXLPipeline, matting
+from anystory.storyboard import Character, Frame, Storyboard, StoryboardError, contact_sheet, run_storyboard
+from anystory.testing import tiny_sdxl_components
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "storyboard-scripts"
 
@@ -104,6 +108,13 @@ def test_aliases_match_whole_words_only():
 def test_image_character_without_description_keeps_its_alias(story_dir):
     story = Storyboard((Character("Max", image=story_dir / "refs" / "max.png"),), (Frame("Max sleeps"),))
     assert story.frame_prompt(story.frames[0]) == "Max sleeps"
+
+
+def test_frames_without_index_are_numbered_by_position():
+    story = Storyboard((), (Frame("a beach"), Frame("a pier", index=7), Frame("a boat")))
+    assert [f.index for f in story.frames] == [1, 7, 3]
+    with pytest.raises(StoryboardError, match=r"duplicate frame index: \[1\]"):
+        Storyboard((), (Frame("a beach"), Frame("a pier", index=1)))
 
 
 @pytest.mark.parametrize(
@@ -203,13 +214,6 @@ def test_contact_sheet_wraps_long_captions_and_checks_lengths():
 
 # --- running a story with a tiny random pipeline ---------------------------------------
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from anystory import AnyStoryAdapter, AnyStorySDXLPipeline, matting  # noqa: E402
-from anystory.storyboard import run_storyboard  # noqa: E402
-from anystory.testing import tiny_sdxl_components  # noqa: E402
-
 TINY_ADAPTER = dict(
     image_embed_dim=24, num_subject_tokens=4, qformer_dim=32, qformer_heads=4,
     routing_dim=32, router_dim=16, router_heads=2, reference_size=32,
@@ -302,7 +306,7 @@ def test_rerun_reuses_created_characters_until_their_prompt_changes(story_dir, t
 
 def test_batched_frames_equal_frames_made_one_by_one(story_dir, tiny_pipe):
     max_ = Character("Max", image=story_dir / "refs" / "max.png", mask=story_dir / "refs" / "max_mask.png")
-    story = Storyboard((max_,), tuple(Frame(f"Max {w}", seed=s, index=s) for w, s in (("sits", 1), ("runs", 2), ("naps", 3))))
+    story = Storyboard((max_,), tuple(Frame(f"Max {word}", seed=seed) for word, seed in (("sits", 1), ("runs", 2), ("naps", 3))))
     single, batched = SpyPipe(tiny_pipe), SpyPipe(tiny_pipe)
     one = run_storyboard(single, story, story_dir / "one", num_inference_steps=2, progress=False)
     many = run_storyboard(batched, story, story_dir / "many", num_inference_steps=2, batch_size=3, progress=False)

@@ -96,11 +96,10 @@ class Character:
             raise StoryboardError(f"character {self.alias!r} has a `mask` but no `image`")
         for kind in ("image", "mask"):
             path = getattr(self, kind)
-            if path is None:
-                continue
-            object.__setattr__(self, kind, Path(path))
-            if not Path(path).is_file():
-                raise StoryboardError(f"character {self.alias!r}: {kind} file not found: {path}")
+            if path is not None:
+                object.__setattr__(self, kind, Path(path))
+                if not Path(path).is_file():
+                    raise StoryboardError(f"character {self.alias!r}: {kind} file not found: {path}")
         if self.prompt is not None and not self.prompt.strip():
             raise StoryboardError(f"character {self.alias!r} has an empty `prompt`")
 
@@ -119,12 +118,13 @@ class Character:
 
 @dataclass(frozen=True)
 class Frame:
-    """One picture of the story: a prompt naming its characters by alias."""
+    """One picture of the story: a prompt naming its characters by alias. Frames without
+    an index are numbered by their position in the story, from 1."""
 
     prompt: str
     characters: tuple[str, ...] = ()
     seed: int | None = None
-    index: int = 0
+    index: int | None = None
     narration: str | None = None
 
     def __post_init__(self) -> None:
@@ -148,6 +148,8 @@ class Storyboard:
     def __post_init__(self) -> None:
         if not self.frames:
             raise StoryboardError("the storyboard has no frames")
+        numbered = tuple(f if f.index is not None else replace(f, index=i + 1) for i, f in enumerate(self.frames))
+        object.__setattr__(self, "frames", numbered)
         aliases = [c.alias for c in self.characters]
         duplicates = sorted({a for a in aliases if aliases.count(a) > 1})
         if duplicates:
@@ -167,17 +169,18 @@ class Storyboard:
             object.__setattr__(self, "_alias_pattern", re.compile(rf"(?<![\w-])(?:{alternation})(?![\w-])"))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Storyboard":
+    def load(cls, path: str | Path) -> Storyboard:
         """Read a script (AnyStory YAML/JSON or an official AnyStory release script)."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise StoryboardError(f"cannot read storyboard script {path}: {error}") from error
+        is_json = path.suffix.lower() == ".json"
         try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if is_json else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise StoryboardError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}") from error
+            raise StoryboardError(f"{path} is not valid {'JSON' if is_json else 'YAML'}: {error}") from error
         try:
             if is_official_script(data):
                 return cls.from_official(data)
@@ -186,7 +189,7 @@ class Storyboard:
             raise StoryboardError(f"{path}: {error}") from None
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: str | Path = ".") -> "Storyboard":
+    def from_dict(cls, data: Any, base_dir: str | Path = ".") -> Storyboard:
         """Build from an AnyStory script's content; relative paths resolve against `base_dir`."""
         data = _mapping(data, "the script", ("title", "style", "seed", "characters", "frames"))
         base_dir = Path(base_dir)
@@ -207,7 +210,7 @@ class Storyboard:
         )
 
     @classmethod
-    def from_official(cls, data: Mapping[str, Any]) -> "Storyboard":
+    def from_official(cls, data: Mapping[str, Any]) -> Storyboard:
         """Map an official AnyStory (FLUX) release script to a storyboard."""
         characters = []
         for i, item in enumerate(_sequence(data.get(OFFICIAL_CHARACTERS, []), OFFICIAL_CHARACTERS)):
@@ -236,7 +239,7 @@ class Storyboard:
             )
         return cls(characters=tuple(characters), frames=tuple(frames), title=data.get(OFFICIAL_SYNOPSIS))
 
-    def with_references(self, references: Mapping[str, tuple[str | Path, str | Path | None]]) -> "Storyboard":
+    def with_references(self, references: Mapping[str, tuple[str | Path, str | Path | None]]) -> Storyboard:
         """Give characters reference images (alias -> (image, mask or None)) instead of prompts.
 
         The characters keep the words that describe them in frame prompts.

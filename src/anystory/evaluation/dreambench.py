@@ -91,7 +91,7 @@ class PromptsAndClasses:
     live_prompts: tuple[str, ...]
 
     @classmethod
-    def parse(cls, text: str) -> "PromptsAndClasses":
+    def parse(cls, text: str) -> PromptsAndClasses:
         """Parse the file exactly: its class table and its two `prompt_list` blocks."""
         return cls(
             classes=_parse_classes(text),
@@ -163,7 +163,7 @@ class DreamBench:
     missing: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, root: str | Path) -> "DreamBench":
+    def load(cls, root: str | Path) -> DreamBench:
         """Read the folder that holds `prompts_and_classes.txt` and the subject folders."""
         root = Path(root).expanduser()
         prompts_file = root / PROMPTS_FILE

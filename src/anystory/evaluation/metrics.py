@@ -64,7 +64,7 @@ class MetricModels:
         clip_path: str | Path,
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
-    ) -> "MetricModels":
+    ) -> MetricModels:
         """Load both metric models from local folders; pickle weights only if `allow_pickle`."""
         use_safetensors = None if allow_pickle else True
         dino_path = _local_folder(dino_path, "DINO model", allow_pickle)
