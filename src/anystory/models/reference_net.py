@@ -45,7 +45,9 @@ class ReferenceNet(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def load_unet_weights(self, unet: UNet2DConditionModel) -> None:
         own = self.unet.state_dict()
-        source = {k: v for k, v in unet.state_dict().items() if k in own}
+        # A U-Net carrying PEFT LoRA layers stores its own weights under `.base_layer`.
+        base_weights = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+        source = {k: v for k, v in base_weights.items() if k in own}
         missing = sorted(set(own) - set(source))
         if missing:
             raise ValueError(f"U-Net lacks ReferenceNet weights (topology mismatch?): {missing[:5]}")

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anystory import AnyStoryAdapter, AnyStoryState
+from anystory.models import AdapterWeightsError, transformer_blocks
+from anystory.models.adapter import WEIGHTS_NAME
+
+from .conftest import TINY_ADAPTER, make_adapter
+
+
+def test_save_and_load_round_trip_bit_exactly(components, tmp_path):
+    adapter = make_adapter(components["unet"])
+    adapter.save_pretrained(tmp_path)
+    loaded = AnyStoryAdapter.from_pretrained(tmp_path)
+    original, restored = adapter.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    assert loaded.config.reference_size == TINY_ADAPTER["reference_size"]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda sd: sd.pop("layers.3.subject_k.weight"), "1 missing .*layers.3.subject_k.weight"),
+        (lambda sd: sd.__setitem__("layers.99.extra", torch.zeros(1)), "1 unexpected .*layers.99.extra"),
+        (lambda sd: sd.__setitem__("routing_qformer.queries", torch.zeros(2, 32)), "wrong shape .*routing_qformer.queries"),
+    ],
+)
+def test_mismatched_weights_raise_a_clear_error(components, tmp_path, corrupt, message):
+    make_adapter(components["unet"]).save_pretrained(tmp_path)
+    state = load_file(tmp_path / WEIGHTS_NAME)
+    corrupt(state)
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterWeightsError, match=message):
+        AnyStoryAdapter.from_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_refused_unless_allowed(components, tmp_path):
+    adapter = make_adapter(components["unet"])
+    adapter.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(AdapterWeightsError, match="pickle"):
+        AnyStoryAdapter.from_pretrained(tmp_path)
+    loaded = AnyStoryAdapter.from_pretrained(tmp_path, allow_pickle=True, use_safetensors=False)
+    assert torch.equal(loaded.layers[2].subject_v.weight, adapter.layers[2].subject_v.weight)
+
+
+def test_missing_folder_contents_are_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    with pytest.raises(AdapterWeightsError, match="no adapter weights"):
+        AnyStoryAdapter.from_pretrained(tmp_path)
+
+
+def test_new_projections_start_from_the_unets(components):
+    unet = components["unet"]
+    adapter = AnyStoryAdapter.from_unet(unet, **TINY_ADAPTER)
+    for layer, (parts, block) in enumerate(zip(adapter.layers, transformer_blocks(unet))):
+        assert torch.equal(parts.subject_k.weight, block.attn2.to_k.weight)
+        assert torch.equal(parts.subject_v.weight, block.attn2.to_v.weight)
+        if layer == 0:
+            assert parts.reference_k is None
+        else:
+            assert torch.equal(parts.reference_k.weight, block.attn1.to_k.weight)
+
+
+def test_attach_leaves_unet_weights_alone_and_detach_restores_it(components):
+    unet = components["unet"]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    processors = unet.attn_processors
+    adapter = make_adapter(unet)
+    adapter.attach(unet)
+    with pytest.raises(RuntimeError, match="already attached"):
+        adapter.attach(unet)
+    adapter.detach(unet)
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in processors.items()}
+
+
+def test_attach_refuses_another_topology(components):
+    from anystory.testing import tiny_unet
+
+    adapter = make_adapter(components["unet"])
+    other = tiny_unet(cross_attention_dim=48)
+    with pytest.raises(ValueError, match="text width"):
+        adapter.attach(other)
+
+
+def _training_forward(components, adapter, with_target_masks: bool):
+    unet = components["unet"]
+    text_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    clip = components["image_encoder"](torch.randn(3, 3, 32, 32), output_hidden_states=True).hidden_states[-2]
+    vae_latents = components["vae"].encode(torch.randn(2, 3, 32, 32)).latent_dist.mode()
+    encodings = adapter.encode(clip, vae_latents, torch.ones(2, 1, *vae_latents.shape[-2:]), (32, 32))
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, :, :8] = 1
+    masks[0, 1, :, 8:] = 1
+    state = AnyStoryState.from_encodings(
+        encodings, batch_size=1, latent_size=(16, 16), gumbel_tau=1.0,
+        target_masks=masks if with_target_masks else None,
+    )
+    noise_pred = unet(
+        torch.randn(1, 4, 16, 16), 500, encoder_hidden_states=torch.randn(1, 7, 32),
+        added_cond_kwargs={"text_embeds": torch.randn(1, text_dim), "time_ids": torch.randn(1, 6)},
+        cross_attention_kwargs={"anystory": state},
+    ).sample
+    return noise_pred, state
+
+
+def test_training_gradients_reach_exactly_the_adapter(components):
+    frozen = [components[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")]
+    for model in frozen:
+        model.requires_grad_(False)
+    adapter = make_adapter(components["unet"])
+    adapter.attach(components["unet"])
+    noise_pred, state = _training_forward(components, adapter, with_target_masks=True)
+    loss = noise_pred.pow(2).mean() + 0.1 * torch.stack(state.routing_losses).mean()
+    loss.backward()
+    groups = {
+        "subject QFormer": adapter.subject_qformer, "routing QFormer": adapter.routing_qformer,
+        "ReferenceNet": adapter.reference_net.unet.down_blocks,
+    }
+    for name, module in groups.items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+    for layer in adapter.layers[1:]:
+        for proj in (layer.subject_k, layer.subject_v, layer.reference_k, layer.reference_v):
+            assert proj.weight.grad.abs().sum() > 0
+        assert layer.router.refined_latent.weight.grad.abs().sum() > 0
+    base_params = [p for model in frozen for p in model.parameters() if not any(p is q for q in adapter.parameters())]
+    assert base_params and all(p.grad is None for p in base_params)
+
+
+def test_router_learns_from_the_diffusion_loss_through_straight_through_gumbel(components):
+    components["unet"].requires_grad_(False)
+    adapter = make_adapter(components["unet"])
+    adapter.attach(components["unet"])
+    noise_pred, state = _training_forward(components, adapter, with_target_masks=False)
+    assert state.routing_losses == []
+    noise_pred.pow(2).mean().backward()
+    router = adapter.layers[4].router
+    assert router.refined_route.weight.grad.abs().sum() > 0
+    assert adapter.routing_qformer.queries.grad.abs().sum() > 0
