@@ -522,5 +522,7 @@ def _cast_member(pipe, storyboard: Storyboard, character: Character, cache: Path
         cutout = image.convert("RGBA")
         cutout.putalpha(Image.fromarray(extract_mask(image, matting).astype(np.uint8) * 255))
         cache.mkdir(parents=True, exist_ok=True)
-        cutout.save(path)
+        partial = path.with_name(path.name + ".partial")  # a killed run leaves no half-written cache
+        cutout.save(partial, format="PNG")
+        partial.replace(path)
     return Subject(path, name=character.alias)

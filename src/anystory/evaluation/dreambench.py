@@ -29,6 +29,7 @@ import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -263,20 +264,21 @@ def evaluate(
     """
     if not cases:
         raise DreamBenchError("no cases to evaluate")
-    real = _RealEmbeddings(metrics)
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
+    photos = _SubjectPhotos(metrics, references or {})
     scores: dict[str, list[tuple[float, float, float]]] = {}
     text_embeddings = {}
     for case in tqdm(cases, desc=f"DreamBench {method}", disable=not progress):
-        refs = [_reference(s, references) for s in case.subjects]
         if case.prompt not in text_embeddings:
             text_embeddings[case.prompt] = metrics.clip_text_embed([case.prompt])[0]
         for k in range(images_per_prompt):
-            image = _generated(case, k, seed + k, refs, generate, out_dir)
+            image = _generated(case, k, seed + k, photos, generate, out_dir)
             dino, clip_image = metrics.dino_embed([image])[0], metrics.clip_image_embed([image])[0]
             scores.setdefault(case.key, []).append(
                 (
-                    _mean([float((real.dino(s) @ dino).mean()) for s in case.subjects]),
-                    _mean([float((real.clip(s) @ clip_image).mean()) for s in case.subjects]),
+                    _mean([float((photos.dino(s) @ dino).mean()) for s in case.subjects]),
+                    _mean([float((photos.clip(s) @ clip_image).mean()) for s in case.subjects]),
                     float(text_embeddings[case.prompt] @ clip_image),
                 )
             )
@@ -291,27 +293,36 @@ def evaluate(
     )
 
 
-class _RealEmbeddings:
-    """Each subject's real photos embedded once, on first use."""
+class _SubjectPhotos:
+    """Each subject's reference photo and real-photo embeddings, computed on first use."""
 
-    def __init__(self, metrics: MetricModels):
-        self.metrics = metrics
-        self._dino: dict[str, torch.Tensor] = {}
-        self._clip: dict[str, torch.Tensor] = {}
+    def __init__(self, metrics: MetricModels, references: Mapping[str, str]):
+        self.metrics, self.references = metrics, references
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def _memo(self, kind: str, subject: BenchSubject, make: Callable[[], Any]):
+        if (kind, subject.name) not in self._cache:
+            self._cache[kind, subject.name] = make()
+        return self._cache[kind, subject.name]
 
     def dino(self, subject: BenchSubject) -> torch.Tensor:
-        if subject.name not in self._dino:
-            self._dino[subject.name] = self.metrics.dino_embed(_open_all(subject))
-        return self._dino[subject.name]
+        return self._memo("dino", subject, lambda: self.metrics.dino_embed([_open(p) for p in subject.images]))
 
     def clip(self, subject: BenchSubject) -> torch.Tensor:
-        if subject.name not in self._clip:
-            self._clip[subject.name] = self.metrics.clip_image_embed(_open_all(subject))
-        return self._clip[subject.name]
+        return self._memo("clip", subject, lambda: self.metrics.clip_image_embed([_open(p) for p in subject.images]))
 
+    def reference(self, subject: BenchSubject) -> Image.Image:
+        """The photo given to the generator: the chosen one, else the first."""
+        return self._memo("reference", subject, lambda: _open(self._reference_path(subject)))
 
-def _open_all(subject: BenchSubject) -> list[Image.Image]:
-    return [_open(path) for path in subject.images]
+    def _reference_path(self, subject: BenchSubject) -> Path:
+        if subject.name not in self.references:
+            return subject.images[0]
+        name = self.references[subject.name]
+        path = next((p for p in subject.images if p.name == name), None)
+        if path is None:
+            raise DreamBenchError(f"reference {name!r} is not among the photos of {subject.name!r}")
+        return path
 
 
 def _open(path: Path) -> Image.Image:
@@ -322,25 +333,19 @@ def _open(path: Path) -> Image.Image:
         raise DreamBenchError(f"cannot read image {path}: {error}") from error
 
 
-def _reference(subject: BenchSubject, references: Mapping[str, str] | None) -> Image.Image:
-    if references and subject.name in references:
-        path = next((p for p in subject.images if p.name == references[subject.name]), None)
-        if path is None:
-            raise DreamBenchError(f"reference {references[subject.name]!r} is not among the photos of {subject.name!r}")
-        return _open(path)
-    return _open(subject.images[0])
-
-
-def _generated(case: BenchCase, k: int, seed: int, refs: list[Image.Image], generate: Generate, out_dir) -> Image.Image:
+def _generated(case: BenchCase, k: int, seed: int, photos: _SubjectPhotos, generate: Generate, out_dir) -> Image.Image:
+    """Image k of a case: read back from `out_dir` if there, else generated (and saved)."""
     path = None if out_dir is None else Path(out_dir) / case.key / f"{case.prompt_index:02d}_{k}.png"
     if path is not None and path.is_file():
         return _open(path)
-    image = generate(case.prompt, refs, seed)
+    image = generate(case.prompt, [photos.reference(s) for s in case.subjects], seed)
     if not isinstance(image, Image.Image):
         raise TypeError(f"generate() must return a PIL image, got {type(image).__name__}")
-    if path is not None:
+    if path is not None:  # written whole or not at all, so that a resumed run never reads half a file
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        partial = path.with_name(path.name + ".partial")
+        image.save(partial, format="PNG")
+        partial.replace(path)
     return image
 
 
