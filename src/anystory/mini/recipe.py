@@ -1,0 +1,334 @@
+"""Train the mini world's base models from nothing, phase by phase, resumably.
+
+    python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|all \
+        [--minutes M] [--out runs/mini] [--threads 1]
+
+Phases and their default time budgets (minutes of training, one CPU thread):
+- vae (12): AutoencoderKL, L1 reconstruction weighted 4x on subject pixels + tiny KL;
+- base (36): both text encoders jointly with the U-Net, text-to-image, epsilon loss
+  under SDXL's DDPM schedule, captions dropped to zeros 10 % of the time (what the
+  pipeline's `force_zeros_for_empty_prompt` feeds the unconditional branch);
+- vision (5): CLIP vision encoder, contrastive against "a <colour> <shape>" with a
+  throwaway text tower, on segmented subject crops made by `anystory.Subject`;
+- assemble: the `StableDiffusionXLPipeline` folder (fp16) in `weights/base`, with
+  `image_encoder` and `feature_extractor`, plus a sample grid for a look;
+- evaluator (4): the ground-truth-only evaluator, shipped in `weights/evaluator`.
+`all` runs them in that order, skipping finished ones. A phase killed at any point
+resumes from its last checkpoint when rerun with the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ..subject import Subject
+from .models import (
+    MAX_TOKENS,
+    VISION_SIZE,
+    build_image_encoder,
+    build_sampling_scheduler,
+    build_text_encoders,
+    build_tokenizers,
+    build_train_scheduler,
+    build_unet,
+    build_vae,
+)
+from .training import ResumableRun, batch_at
+from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, WorldDataset
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MINUTES = {"vae": 12.0, "base": 36.0, "vision": 5.0, "evaluator": 4.0}
+SUBJECT_WEIGHT = 4.0  # extra VAE loss weight on subject pixels, where the pattern is
+KL_WEIGHT = 1e-6
+CAPTION_DROP = 0.1
+TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # SDXL size/crop ids
+FINAL = "final"
+
+
+def _finished(directory: Path) -> bool:
+    return (directory / FINAL).exists()
+
+
+# --------------------------------------------------------------------------- vae
+
+
+def train_vae(out: Path, minutes: float, batch_size: int = 16, lr: float = 5e-4,
+              max_steps: int | None = None, seed: int = 0) -> Path:
+    """Train the VAE and save it (with its latent scaling factor) to out/vae/final."""
+    vae = build_vae()
+    data = TextToImageDataset(MiniWorld(), seed=seed + 101)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    run = ResumableRun(out / "vae", {"vae": vae}, optimizer, minutes=minutes, max_steps=max_steps, seed=seed)
+    while not run.done:
+        batch = batch_at(data, run.step, batch_size)
+        images, weight = batch["image"], 1.0 + SUBJECT_WEIGHT * batch["mask"]
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample(generator=run.generator)).sample
+        loss = (weight * (recon - images).abs()).mean() + KL_WEIGHT * posterior.kl().mean()
+        run.optimize(loss)
+    run.save()
+    final = run.final("vae").eval()
+    report = _calibrate_vae(final, TextToImageDataset(MiniWorld(), split="held_out", seed=seed + 102))
+    final.save_pretrained(out / "vae" / FINAL)
+    _write_report(out / "vae", {"step": run.step, "minutes": run.elapsed / 60, **report})
+    return out / "vae" / FINAL
+
+
+@torch.no_grad()
+def _calibrate_vae(vae: AutoencoderKL, data: WorldDataset, count: int = 256) -> dict:
+    """Set `scaling_factor` to 1 / latent std (unit-variance latents for the U-Net) and
+    measure reconstruction PSNR on held-out renders, overall and on subject pixels."""
+    batch = batch_at(data, 0, count)
+    images, mask = batch["image"], batch["mask"]
+    latents = vae.encode(images).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    recon = vae.decode(latents).sample.clamp(-1, 1)
+    error = ((recon - images) / 2) ** 2
+    subject_mse = (error * mask).sum() / (mask.sum() * 3)
+    return {
+        "scaling_factor": vae.config.scaling_factor,
+        "latent_mean": float(latents.mean()),
+        "psnr_db": float(-10 * torch.log10(error.mean())),
+        "subject_psnr_db": float(-10 * torch.log10(subject_mse)),
+    }
+
+
+# --------------------------------------------------------------------------- base
+
+
+def encode_captions(captions: list[str], tokenizers, text_encoders) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning: concatenated penultimate hidden states of both encoders,
+    and the second encoder's pooled projection (as `StableDiffusionXLPipeline.encode_prompt`)."""
+    hidden = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids
+        output = encoder(ids, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), output.text_embeds
+
+
+def train_base(out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4,
+               max_steps: int | None = None, seed: int = 0) -> Path:
+    """Train both text encoders and the U-Net jointly, text-to-image, on frozen VAE latents."""
+    vae = AutoencoderKL.from_pretrained(out / "vae" / FINAL).requires_grad_(False).eval()
+    tokenizers = build_tokenizers()
+    text_encoder, text_encoder_2 = build_text_encoders()
+    unet = build_unet()
+    modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    run = ResumableRun(out / "base", modules, optimizer, minutes=minutes, max_steps=max_steps, seed=seed,
+                       warmup_steps=200)
+    noise_scheduler = build_train_scheduler()
+    data = TextToImageDataset(MiniWorld(), seed=seed + 201)
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).expand(batch_size, -1)
+    while not run.done:
+        batch = batch_at(data, run.step, batch_size)
+        with torch.no_grad():
+            posterior = vae.encode(batch["image"]).latent_dist
+            latents = posterior.sample(generator=run.generator) * vae.config.scaling_factor
+        prompt_embeds, pooled = encode_captions(batch["caption"], tokenizers, (text_encoder, text_encoder_2))
+        keep = (torch.rand(batch_size, generator=run.generator) >= CAPTION_DROP).float()
+        prompt_embeds, pooled = prompt_embeds * keep[:, None, None], pooled * keep[:, None]
+        noise = torch.randn(latents.shape, generator=run.generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=run.generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, prompt_embeds,
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        run.optimize(F.mse_loss(prediction, noise))
+    run.save()
+    for key in modules:
+        run.final(key).save_pretrained(out / "base" / FINAL / key)
+    _write_report(out / "base", {"step": run.step, "minutes": run.elapsed / 60})
+    return out / "base" / FINAL
+
+
+# --------------------------------------------------------------------------- vision
+
+
+class SubjectCropDataset(WorldDataset):
+    """One subject of a 1-3 subject scene, segmented and cropped exactly as the pipeline
+    does (`Subject.clip_pixels`), with its caption phrase ("a red heart")."""
+
+    stream = 4
+
+    def __init__(self, world: MiniWorld, mean: list[float], std: list[float], **kwargs):
+        super().__init__(world, **kwargs)
+        self.mean, self.std = mean, std
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        count = int(rng.integers(1, 4))
+        subjects = self.world.sample_identities(rng, count, self.split, twin_prob=0.3)
+        render = self.world.render(self.world.sample_scene(rng, subjects))
+        k = int(rng.integers(count))
+        subject = Subject(render.image, render.masks[k].astype(np.uint8) * 255)
+        return {
+            "pixels": subject.clip_pixels(VISION_SIZE, self.mean, self.std),
+            "phrase": render.scene.placements[k].identity.phrase,
+        }
+
+
+def _phrase_tower() -> CLIPTextModelWithProjection:
+    """Throwaway text tower for contrastive training (the shipped model is vision only)."""
+    config = CLIPTextConfig(
+        vocab_size=len(build_tokenizers()[0]), hidden_size=32, intermediate_size=128, projection_dim=64,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels: list[str],
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss whose targets spread evenly over repeated labels in a batch."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = logit_scale.clamp(max=math.log(100)).exp() * image @ text.T
+    same = torch.tensor([[a == b for b in labels] for a in labels], dtype=torch.float32)
+    targets = same / same.sum(1, keepdim=True)
+    return -(targets * (logits.log_softmax(1) + logits.T.log_softmax(1))).sum(1).mean() / 2
+
+
+def train_vision(out: Path, minutes: float, batch_size: int = 128, lr: float = 1e-3,
+                 max_steps: int | None = None, seed: int = 0) -> Path:
+    """Train the vision encoder contrastively and save it with its image processor."""
+    image_encoder, processor = build_image_encoder()
+    tokenizer = build_tokenizers()[0]
+    text_tower = _phrase_tower()
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    modules = {"image_encoder": image_encoder, "text_tower": text_tower}
+    params = [*image_encoder.parameters(), *text_tower.parameters(), logit_scale]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    run = ResumableRun(out / "vision", modules, optimizer, minutes=minutes, max_steps=max_steps, seed=seed,
+                       log_every=20)
+    data = SubjectCropDataset(MiniWorld(), processor.image_mean, processor.image_std, seed=seed + 301)
+    phrases = sorted({f"a {c} {s}" for c in COLOURS for s in SHAPES})
+    phrase_ids = tokenizer(phrases, padding="max_length", return_tensors="pt").input_ids
+    while not run.done:
+        batch = batch_at(data, run.step, batch_size)
+        text = text_tower(phrase_ids).text_embeds
+        image = image_encoder(batch["pixels"]).image_embeds
+        labels = batch["phrase"]
+        loss = contrastive_loss(image, text[[phrases.index(p) for p in labels]], labels, logit_scale)
+        run.optimize(loss)
+    run.save()
+    final = run.final("image_encoder").eval()
+    held_out = SubjectCropDataset(MiniWorld(), processor.image_mean, processor.image_std,
+                                  split="held_out", seed=seed + 302)
+    accuracy = _zero_shot_accuracy(final, run.final("text_tower"), phrase_ids, phrases, held_out)
+    final.save_pretrained(out / "vision" / FINAL)
+    processor.save_pretrained(out / "vision" / FINAL)
+    _write_report(out / "vision", {"step": run.step, "minutes": run.elapsed / 60,
+                                   "zero_shot_shape_colour_accuracy": accuracy})
+    return out / "vision" / FINAL
+
+
+@torch.no_grad()
+def _zero_shot_accuracy(image_encoder, text_tower, phrase_ids, phrases, data, count: int = 512) -> float:
+    """How often the nearest phrase to a held-out crop names its shape and colour."""
+    batch = batch_at(data, 0, count)
+    image = F.normalize(image_encoder(batch["pixels"]).image_embeds, dim=-1)
+    text = F.normalize(text_tower(phrase_ids).text_embeds, dim=-1)
+    predicted = [phrases[i] for i in (image @ text.T).argmax(1)]
+    return float(np.mean([p == t for p, t in zip(predicted, batch["phrase"])]))
+
+
+# --------------------------------------------------------------------------- assemble
+
+
+def assemble(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
+    """Write the base models as one `StableDiffusionXLPipeline` folder in fp16."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    base = out / "base" / FINAL
+    tokenizer, tokenizer_2 = build_tokenizers()
+    pipeline = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae" / FINAL),
+        text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel.from_pretrained(base / "unet"),
+        scheduler=build_sampling_scheduler(),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "vision" / FINAL),
+        feature_extractor=CLIPImageProcessor.from_pretrained(out / "vision" / FINAL),
+    )
+    _sample_grid(pipeline, out / "base_samples.png")
+    target = weights / "base"
+    pipeline.to(torch.float16).save_pretrained(target)
+    return target
+
+
+@torch.no_grad()
+def _sample_grid(pipeline: StableDiffusionXLPipeline, path: Path, count: int = 16) -> None:
+    """Generate held-out-style captions with the default sampler, for a visual check."""
+    data = TextToImageDataset(MiniWorld(), split="held_out", seed=7)
+    captions = [data[i]["caption"] for i in range(count)]
+    images = pipeline(captions, num_inference_steps=25, guidance_scale=7.5, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    rows = [np.concatenate(list(images[r * 4:(r + 1) * 4]), axis=1) for r in range(count // 4)]
+    Image.fromarray((np.concatenate(rows) * 255).round().astype(np.uint8)).save(path)
+    path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _write_report(directory: Path, report: dict) -> None:
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[{directory.name}] {json.dumps(report)}", flush=True)
+
+
+def run_phase(phase: str, out: Path, minutes: float | None = None) -> None:
+    budget = minutes if minutes is not None else DEFAULT_MINUTES.get(phase, 0.0)
+    if phase == "vae":
+        train_vae(out, budget)
+    elif phase == "base":
+        train_base(out, budget)
+    elif phase == "vision":
+        train_vision(out, budget)
+    elif phase == "assemble":
+        assemble(out)
+    elif phase == "evaluator":
+        from .evaluator import train_evaluator  # imported late: it is also a standalone module
+
+        train_evaluator(out / "evaluator", budget, weights=WEIGHTS_DIR / "evaluator")
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+
+
+PHASES = ("vae", "base", "vision", "assemble", "evaluator")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", required=True, choices=(*PHASES, "all"))
+    parser.add_argument("--minutes", type=float, default=None, help="training budget (single phase only)")
+    parser.add_argument("--out", type=Path, default=Path("runs/mini"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.phase != "all":
+        run_phase(args.phase, args.out, args.minutes)
+        return
+    for phase in PHASES:
+        if phase == "assemble" or not _finished(args.out / phase):
+            run_phase(phase, args.out)
+
+
+if __name__ == "__main__":
+    main()
