@@ -108,7 +108,12 @@ def extract_mask(
     return mask
 
 
-def matted_subject(image, mask=None, backend: str | Path | MattingBackend | None = None, name: str = "") -> Subject:
+def matted_subject(
+    image: str | Path | Image.Image | np.ndarray,
+    mask: str | Path | Image.Image | np.ndarray | None = None,
+    backend: str | Path | MattingBackend | None = None,
+    name: str = "",
+) -> Subject:
     """A `Subject` whose mask is the given one, the alpha channel, or the backend's."""
     if mask is not None:
         return Subject(image, mask, name=name)
