@@ -1,0 +1,54 @@
+"""The frozen SDXL parts and the adapter that a training run starts from."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from ..models import AnyStoryAdapter
+from ..testing import tiny_sdxl_components
+from .config import ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TINY_ADAPTER_KWARGS = dict(
+    num_subject_tokens=4, qformer_dim=32, qformer_depth=1, qformer_heads=2,
+    routing_dim=32, router_dim=32, router_heads=2, reference_size=32,
+)
+
+
+def load_base_components(config: ModelConfig) -> dict:
+    """SDXL components plus a CLIP vision encoder, from local paths (or the tiny test set)."""
+    if config.base == "tiny":
+        return tiny_sdxl_components(config.seed)
+    base = Path(config.base)
+    if not base.exists():
+        raise ConfigError(f"model.base not found: {base} (an SDXL diffusers folder or single-file checkpoint)")
+    if config.image_encoder is None or not (Path(config.image_encoder) / "config.json").exists():
+        raise ConfigError(f"model.image_encoder must be a CLIP vision encoder folder, got {config.image_encoder!r}")
+    if base.is_file():
+        extra = {"config": config.base_config} if config.base_config else {}
+        sdxl = StableDiffusionXLPipeline.from_single_file(str(base), local_files_only=True, **extra)
+    else:
+        sdxl = StableDiffusionXLPipeline.from_pretrained(str(base), local_files_only=True)
+    encoder_path = Path(config.image_encoder)
+    has_processor = (encoder_path / "preprocessor_config.json").exists()
+    components = {k: v for k, v in sdxl.components.items() if k not in ("image_encoder", "feature_extractor")}
+    components["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(encoder_path)
+    components["feature_extractor"] = CLIPImageProcessor.from_pretrained(encoder_path) if has_processor else CLIPImageProcessor()
+    return components
+
+
+def load_adapter(config: ModelConfig, components: dict, stage: int) -> AnyStoryAdapter:
+    """The adapter to train: loaded from `model.adapter`, or fresh from the U-Net (stage 1)."""
+    if config.adapter is not None:
+        return AnyStoryAdapter.from_pretrained(config.adapter)
+    if stage == 2:
+        logger.warning("stage 2 without model.adapter: the subject encoder is untrained (fine for tests only)")
+    kwargs = dict(TINY_ADAPTER_KWARGS) if config.base == "tiny" else {}
+    kwargs.setdefault("image_embed_dim", components["image_encoder"].config.hidden_size)
+    kwargs.update(config.adapter_kwargs)
+    return AnyStoryAdapter.from_unet(components["unet"], **kwargs)

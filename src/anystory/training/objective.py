@@ -1,0 +1,180 @@
+"""The training loss of either stage, as one module that accelerate can wrap.
+
+`AnyStoryObjective.forward(batch)` encodes the batch's subjects with the adapter (with
+gradients for the parts being trained), lays them out per sample as an `AnyStoryState`,
+runs the frozen U-Net with it and returns the losses. Only the adapter is a registered
+submodule: DDP/FSDP/DeepSpeed wrap and synchronise just the adapter, while the frozen
+SDXL parts are reached through the pipeline, held outside the module tree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from ..models import AnyStoryAdapter, AnyStoryState, RecordedMaps, SubjectEncodings
+from ..pipelines import AnyStorySDXLPipeline
+from ..subject import latent_mask
+
+
+def vae_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled VAE latents: a sample of the posterior (targets) or its mode (references, as at inference)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    latents = dist.sample(generator) if generator is not None else dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def clip_states(image_encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """Penultimate CLIP hidden states (the subject encoders' input)."""
+    out = image_encoder(pixels.to(image_encoder.device, image_encoder.dtype), output_hidden_states=True)
+    return out.hidden_states[-2]
+
+
+def pad_subjects(values: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Per-subject rows (M, ...) of the valid entries -> (B, N, ...) with `fill` in the padding."""
+    padded = fill.to(values.dtype).expand(*valid.shape, *values.shape[1:])
+    return padded.index_put((valid,), values)
+
+
+def routing_iou(recorded: dict[int, RecordedMaps], target_masks: torch.Tensor, valid: torch.Tensor) -> float:
+    """Mean IoU between each subject's hard routed region (refined maps) and its ground-truth
+    mask, over layers, samples and subjects."""
+    target_masks, valid = target_masks.float().cpu(), valid.cpu()
+    num_subjects = target_masks.shape[1]
+    total, count = 0.0, 0
+    for maps in recorded.values():
+        owner = maps.refined.argmax(dim=1)
+        routed = F.one_hot(owner, num_subjects + 1)[..., :num_subjects].permute(0, 3, 1, 2).bool()
+        truth = F.interpolate(target_masks, size=owner.shape[-2:], mode="area") >= 0.5
+        union = (routed | truth).sum(dim=(-2, -1))
+        inter = (routed & truth).sum(dim=(-2, -1))
+        counted = valid & (union > 0)
+        total += (inter[counted] / union[counted]).sum().item()
+        count += int(counted.sum())
+    return total / max(count, 1)
+
+
+class AnyStoryObjective(nn.Module):
+    """Diffusion loss (+ routing loss in stage 2) of one batch."""
+
+    def __init__(
+        self,
+        adapter: AnyStoryAdapter,
+        pipeline: AnyStorySDXLPipeline,
+        stage: int,
+        null_subject_probability: float = 0.1,
+        routing_loss_weight: float = 0.1,
+        coarse_routing_loss_weight: float = 0.0,
+        gumbel_tau: float = 1.0,
+    ):
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.adapter = adapter
+        self._pipeline = [pipeline]  # a list: frozen parts stay out of the module tree
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.stage = stage
+        self.null_subject_probability = null_subject_probability if stage == 1 else 0.0
+        self.routing_loss_weight = routing_loss_weight
+        self.coarse_routing_loss_weight = coarse_routing_loss_weight
+        self.gumbel_tau = gumbel_tau
+
+    @property
+    def pipeline(self) -> AnyStorySDXLPipeline:
+        return self._pipeline[0]
+
+    def forward(self, batch: dict, generator: torch.Generator, record_maps: bool = False) -> dict[str, torch.Tensor]:
+        """Losses for `batch` (see transforms.collate); `generator` (CPU) draws the noise,
+        timesteps and condition dropping. With `record_maps` (stage 2) also the routing IoU."""
+        pipe = self.pipeline
+        device = pipe.unet.device
+        with torch.no_grad():
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+                batch["captions"], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            latents = vae_latents(pipe.vae, batch["pixel_values"], generator).to(prompt_embeds.dtype)
+        encodings = self.encode_subjects(batch)
+        state = self.subject_state(batch, encodings, tuple(latents.shape[-2:]), generator, record_maps)
+
+        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        scheduler = self.noise_scheduler
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = pipe.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, prompt_embeds.dtype)},
+            cross_attention_kwargs={"anystory": state},
+        ).sample
+        losses = {"diffusion_loss": F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())}
+        losses["loss"] = losses["diffusion_loss"]
+        if self.stage == 2:
+            losses["routing_loss"] = torch.stack(state.routing_losses).mean()
+            losses["coarse_routing_loss"] = torch.stack(state.coarse_routing_losses).mean()
+            losses["loss"] = (
+                losses["loss"]
+                + self.routing_loss_weight * losses["routing_loss"]
+                + self.coarse_routing_loss_weight * losses["coarse_routing_loss"]
+            )
+            if record_maps:
+                losses["routing_iou"] = torch.tensor(routing_iou(state.recorded, batch["target_masks"], batch["subject_valid"]))
+        return losses
+
+    def _target(self, latents, noise, timesteps) -> torch.Tensor:
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def encode_subjects(self, batch: dict) -> SubjectEncodings:
+        """All valid subjects of the batch plus the null (all-zero) image, in one adapter call."""
+        pipe = self.pipeline
+        valid = batch["subject_valid"]
+        clip_pixels = batch["clip_pixels"][valid]
+        with torch.no_grad():
+            states = clip_states(pipe.image_encoder, torch.cat([clip_pixels, torch.zeros_like(clip_pixels[:1])]))
+            references = vae_latents(pipe.vae, batch["reference_pixels"][valid])
+            masks = latent_mask(batch["reference_masks"][valid].to(references), references.shape[-2:])
+        dtype = self.adapter.dtype
+        size = batch["reference_pixels"].shape[-1]
+        return self.adapter.encode(states.to(dtype), references.to(dtype), masks.to(dtype), (size, size))
+
+    def subject_state(
+        self, batch: dict, encodings: SubjectEncodings, latent_size: tuple[int, int],
+        generator: torch.Generator, record_maps: bool = False,
+    ) -> AnyStoryState:
+        """Lay the encodings out per sample: padding slots are masked by `subject_valid`; in
+        stage 1 a sample's CLIP condition becomes the null embedding with probability p."""
+        valid = batch["subject_valid"].to(encodings.subject_tokens.device)
+        batch_size, num_subjects = valid.shape
+        null = encodings.null_tokens[0]
+        tokens = pad_subjects(encodings.subject_tokens, valid, null)
+        drop = torch.rand(batch_size, generator=generator) < self.null_subject_probability
+        tokens = torch.where(drop.to(tokens.device)[:, None, None, None], null, tokens)
+        tokens = torch.cat([tokens, null.expand(batch_size, 1, *null.shape)], dim=1)
+        references = {
+            layer: pad_subjects(g, valid, g.new_zeros(())) for layer, g in encodings.reference_states.items()
+        }
+        routing = None
+        if self.stage == 2:
+            background = encodings.background_routing
+            routing = torch.cat([pad_subjects(encodings.routing_features, valid, background[0]), background.expand(batch_size, 1, -1)], dim=1)
+        return AnyStoryState(
+            subject_tokens=tokens,
+            reference_states=references,
+            latent_size=latent_size,
+            routing_features=routing,
+            subject_valid=None if valid.all() else valid,
+            target_masks=batch["target_masks"].to(tokens.device) if self.stage == 2 else None,
+            gumbel_tau=self.gumbel_tau if self.stage == 2 else None,
+            record_maps=record_maps and self.stage == 2,
+        )
