@@ -156,3 +156,12 @@ def test_from_base_loads_local_folders(components, tmp_path, subjects):
     assert np.abs(generate(loaded, subjects=subjects[:2]).images - expected).max() <= 1e-5
     with pytest.raises(FileNotFoundError, match="not found"):
         AnyStorySDXLPipeline.from_base(tmp_path / "nothing", tmp_path / "adapter", tmp_path / "clip")
+
+
+def test_a_cast_larger_than_the_per_image_limit_encodes_once(pipe, subjects):
+    pipe.adapter.register_to_config(max_subjects=2)
+    encodings = pipe.encode_subjects(subjects)
+    assert len(encodings) == 4
+    assert generate(pipe, subjects=encodings.select([3, 0])).images.shape == (1, 64, 64, 3)
+    with pytest.raises(SubjectError, match="at most 2 per image"):
+        generate(pipe, subjects=encodings)

@@ -30,6 +30,9 @@ class SubjectEncodings:
     def num_subjects(self) -> int:
         return self.subject_tokens.shape[0]
 
+    def __len__(self) -> int:
+        return self.num_subjects
+
     def select(self, indices: list[int]) -> "SubjectEncodings":
         """The encodings of a subset of subjects, in the given order (a storyboard frame's cast)."""
         if any(not 0 <= i < self.num_subjects for i in indices):

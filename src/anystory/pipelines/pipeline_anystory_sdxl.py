@@ -130,15 +130,13 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
     @torch.no_grad()
     def encode_subjects(self, subjects: Sequence[Subject]) -> SubjectEncodings:
         """CLIP tokens, routing features and ReferenceNet states of every subject, computed
-        once; pass the result as `subjects=` to reuse it across calls (a storyboard)."""
+        once; pass the result (or a `.select(...)` of it) as `subjects=` to reuse it across
+        calls (a storyboard encodes its whole cast once, however large)."""
         subjects = list(subjects)
         if not subjects:
             raise SubjectError("encode_subjects needs at least one subject")
         if not all(isinstance(s, Subject) for s in subjects):
             raise SubjectError("subjects must be anystory.Subject objects (Subject(image, mask))")
-        limit = self.adapter.config.max_subjects
-        if len(subjects) > limit:
-            raise SubjectError(f"{len(subjects)} subjects given; this adapter is configured for at most {limit}")
         device = self._execution_device
         clip_states = self._clip_states(subjects, device)
         latents, masks, size = self._reference_latents(subjects, device)
@@ -212,6 +210,9 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
                 prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **kwargs
             )
             return AnyStoryPipelineOutput(images=output.images) if return_dict else (output.images,)
+        limit = self.adapter.config.max_subjects
+        if len(subjects) > limit:
+            raise SubjectError(f"{len(subjects)} subjects given; this adapter is configured for at most {limit} per image")
         encodings = subjects if isinstance(subjects, SubjectEncodings) else self.encode_subjects(subjects)
         if "cross_attention_kwargs" in kwargs and "anystory" in (kwargs["cross_attention_kwargs"] or {}):
             raise ValueError("cross_attention_kwargs['anystory'] is set by the pipeline; pass subjects instead")
