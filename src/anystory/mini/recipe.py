@@ -33,6 +33,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..subject import Subject
+from .evaluator import train_evaluator
 from .models import (
     MAX_TOKENS,
     VISION_SIZE,
@@ -66,6 +67,7 @@ def _finished(directory: Path) -> bool:
 def train_vae(out: Path, minutes: float, batch_size: int = 16, lr: float = 5e-4,
               max_steps: int | None = None, seed: int = 0) -> Path:
     """Train the VAE and save it (with its latent scaling factor) to out/vae/final."""
+    torch.manual_seed(seed)
     vae = build_vae()
     data = TextToImageDataset(MiniWorld(), seed=seed + 101)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -125,6 +127,7 @@ def train_base(out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4
                max_steps: int | None = None, seed: int = 0) -> Path:
     """Train both text encoders and the U-Net jointly, text-to-image, on frozen VAE latents."""
     vae = AutoencoderKL.from_pretrained(out / "vae" / FINAL).requires_grad_(False).eval()
+    torch.manual_seed(seed)
     tokenizers = build_tokenizers()
     text_encoder, text_encoder_2 = build_text_encoders()
     unet = build_unet()
@@ -183,14 +186,22 @@ class SubjectCropDataset(WorldDataset):
         }
 
 
-def _phrase_tower() -> CLIPTextModelWithProjection:
-    """Throwaway text tower for contrastive training (the shipped model is vision only)."""
-    config = CLIPTextConfig(
-        vocab_size=len(build_tokenizers()[0]), hidden_size=32, intermediate_size=128, projection_dim=64,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )
-    return CLIPTextModelWithProjection(config)
+class PhraseTower(nn.Module):
+    """Throwaway text side of contrastive training, with the learned temperature (the
+    shipped model is the vision side only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = CLIPTextConfig(
+            vocab_size=len(build_tokenizers()[0]), hidden_size=32, intermediate_size=128, projection_dim=64,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+        self.encoder = CLIPTextModelWithProjection(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids).text_embeds
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels: list[str],
@@ -206,12 +217,12 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels: list[str],
 def train_vision(out: Path, minutes: float, batch_size: int = 128, lr: float = 1e-3,
                  max_steps: int | None = None, seed: int = 0) -> Path:
     """Train the vision encoder contrastively and save it with its image processor."""
+    torch.manual_seed(seed)
     image_encoder, processor = build_image_encoder()
     tokenizer = build_tokenizers()[0]
-    text_tower = _phrase_tower()
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    text_tower = PhraseTower()
     modules = {"image_encoder": image_encoder, "text_tower": text_tower}
-    params = [*image_encoder.parameters(), *text_tower.parameters(), logit_scale]
+    params = [*image_encoder.parameters(), *text_tower.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     run = ResumableRun(out / "vision", modules, optimizer, minutes=minutes, max_steps=max_steps, seed=seed,
                        log_every=20)
@@ -220,10 +231,10 @@ def train_vision(out: Path, minutes: float, batch_size: int = 128, lr: float = 1
     phrase_ids = tokenizer(phrases, padding="max_length", return_tensors="pt").input_ids
     while not run.done:
         batch = batch_at(data, run.step, batch_size)
-        text = text_tower(phrase_ids).text_embeds
+        text = text_tower(phrase_ids)
         image = image_encoder(batch["pixels"]).image_embeds
         labels = batch["phrase"]
-        loss = contrastive_loss(image, text[[phrases.index(p) for p in labels]], labels, logit_scale)
+        loss = contrastive_loss(image, text[[phrases.index(p) for p in labels]], labels, text_tower.logit_scale)
         run.optimize(loss)
     run.save()
     final = run.final("image_encoder").eval()
@@ -242,7 +253,7 @@ def _zero_shot_accuracy(image_encoder, text_tower, phrase_ids, phrases, data, co
     """How often the nearest phrase to a held-out crop names its shape and colour."""
     batch = batch_at(data, 0, count)
     image = F.normalize(image_encoder(batch["pixels"]).image_embeds, dim=-1)
-    text = F.normalize(text_tower(phrase_ids).text_embeds, dim=-1)
+    text = F.normalize(text_tower(phrase_ids), dim=-1)
     predicted = [phrases[i] for i in (image @ text.T).argmax(1)]
     return float(np.mean([p == t for p, t in zip(predicted, batch["phrase"])]))
 
@@ -304,8 +315,6 @@ def run_phase(phase: str, out: Path, minutes: float | None = None) -> None:
     elif phase == "assemble":
         assemble(out)
     elif phase == "evaluator":
-        from .evaluator import train_evaluator  # imported late: it is also a standalone module
-
         train_evaluator(out / "evaluator", budget, weights=WEIGHTS_DIR / "evaluator")
     else:
         raise ValueError(f"unknown phase {phase!r}")

@@ -124,6 +124,11 @@ class Identity:
     def name(self) -> str:
         return f"{self.colour}-{self.shape}-{self.pattern:03d}"
 
+    @classmethod
+    def from_name(cls, name: str) -> "Identity":
+        colour, shape, pattern = name.split("-")
+        return cls(shape, colour, int(pattern))
+
 
 def identities(split: Split) -> tuple[Identity, ...]:
     """All identities of a split, sorted."""
@@ -485,6 +490,11 @@ class WorldDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
 
+def _names(scene: Scene) -> str:
+    """Identity names of a scene's subjects, left to right, joined by '|' (collatable)."""
+    return "|".join(p.identity.name for p in scene.placements)
+
+
 class TextToImageDataset(WorldDataset):
     """Base-model data: 1-3 subjects, a caption, and the union of the subject masks."""
 
@@ -499,6 +509,7 @@ class TextToImageDataset(WorldDataset):
             "image": to_tensor(render.image),
             "mask": torch.from_numpy(render.masks.any(0, keepdims=True)).float(),
             "caption": render.caption,
+            "identities": _names(render.scene),
         }
 
 
@@ -517,7 +528,7 @@ class PairDataset(WorldDataset):
             "image": to_tensor(target.image),
             "mask": torch.from_numpy(target.masks).float(),
             "caption": target.caption,
-            "identity": identity.name,
+            "identities": identity.name,
         }
 
 
@@ -539,5 +550,5 @@ class SceneDataset(WorldDataset):
             "masks": torch.from_numpy(masks),
             "num_subjects": count,
             "caption": render.caption,
-            "identities": "|".join(p.identity.name for p in render.scene.placements),
+            "identities": _names(render.scene),
         }

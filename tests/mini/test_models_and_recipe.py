@@ -1,0 +1,115 @@
+"""Mini models are SDXL-shaped and within budget; training phases resume exactly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPVisionModelWithProjection
+
+from anystory.mini import recipe
+from anystory.mini.models import (
+    build_image_encoder,
+    build_sampling_scheduler,
+    build_text_encoders,
+    build_tokenizers,
+    build_unet,
+    build_vae,
+)
+from anystory.mini.training import ResumableRun
+from anystory.mini.world import IMAGE_SIZE, MiniWorld, TextToImageDataset
+
+SHIPPED_BASE = Path(recipe.WEIGHTS_DIR) / "base"
+
+
+def _pipeline() -> StableDiffusionXLPipeline:
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = build_tokenizers()
+    text_encoder, text_encoder_2 = build_text_encoders()
+    image_encoder, feature_extractor = build_image_encoder()
+    return StableDiffusionXLPipeline(
+        vae=build_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=build_unet(), scheduler=build_sampling_scheduler(),
+        image_encoder=image_encoder, feature_extractor=feature_extractor,
+    )
+
+
+def test_tokenizers_spell_every_caption_word_as_one_token():
+    tokenizer = build_tokenizers()[0]
+    caption = TextToImageDataset(MiniWorld())[0]["caption"]
+    ids = tokenizer(caption).input_ids
+    assert ids[0] == tokenizer.bos_token_id == 0 and ids[-1] == tokenizer.eos_token_id == 1
+    words = caption.replace(",", " ,").replace(";", " ;").split()
+    assert len(ids) == len(words) + 2
+    for encoder in build_text_encoders():
+        assert encoder.config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_untrained_pipeline_generates_at_the_world_resolution(tmp_path):
+    pipeline = _pipeline()
+    assert pipeline.default_sample_size * pipeline.vae_scale_factor == IMAGE_SIZE
+
+    def generate(pipe):
+        return pipe("on the left, a red heart; snow background", num_inference_steps=2,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    image = generate(pipeline)
+    assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    pipeline.save_pretrained(tmp_path)
+    assert (generate(StableDiffusionXLPipeline.from_pretrained(tmp_path)) == image).all()
+
+
+def test_base_models_fit_the_weight_budget():
+    pipeline = _pipeline()
+    parameters = sum(
+        p.numel() for name in ("vae", "text_encoder", "text_encoder_2", "unet", "image_encoder")
+        for p in getattr(pipeline, name).parameters()
+    )
+    assert parameters * 2 <= 20e6  # fp16 bytes
+
+
+def _toy_run(directory, max_steps):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run = ResumableRun(directory, {"model": model}, optimizer, minutes=1.0, max_steps=max_steps,
+                       warmup_steps=3, log_every=1000)
+    while not run.done:
+        x = torch.randn(8, 4, generator=run.generator)
+        run.optimize(model(x).pow(2).mean())
+    run.save()
+    return run
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    straight = _toy_run(tmp_path / "straight", 6)
+    _toy_run(tmp_path / "killed", 3)
+    resumed = _toy_run(tmp_path / "killed", 6)
+    assert resumed.step == straight.step == 6
+    for a, b in zip(straight.modules["model"].parameters(), resumed.modules["model"].parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.final("model").parameters(), resumed.final("model").parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_vision_phase_resumes_to_the_same_weights(tmp_path):
+    recipe.train_vision(tmp_path / "a", 1.0, batch_size=8, max_steps=4)
+    recipe.train_vision(tmp_path / "b", 1.0, batch_size=8, max_steps=2)
+    recipe.train_vision(tmp_path / "b", 1.0, batch_size=8, max_steps=4)
+    a, b = (CLIPVisionModelWithProjection.from_pretrained(tmp_path / d / "vision" / "final") for d in "ab")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert json.loads((tmp_path / "b" / "vision" / "report.json").read_text())["step"] == 4
+
+
+@pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
+def test_shipped_base_weights_load_with_diffusers():
+    pipeline = StableDiffusionXLPipeline.from_pretrained(SHIPPED_BASE, torch_dtype=torch.float32)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(SHIPPED_BASE / "image_encoder")
+    assert encoder.config.image_size == pipeline.feature_extractor.crop_size["height"]
+    image = pipeline("in the middle, a cyan circle; beach background", num_inference_steps=2,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
