@@ -73,7 +73,7 @@ def _toy_run(directory, max_steps):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    run = ResumableRun(directory, {"model": model}, optimizer, minutes=1.0, max_steps=max_steps,
+    run = ResumableRun(directory, {"model": model}, optimizer, max_steps=max_steps,
                        warmup_steps=3, log_every=1000)
     while not run.done:
         x = torch.randn(8, 4, generator=run.generator)
@@ -96,9 +96,9 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 
 
 def test_vision_phase_resumes_to_the_same_weights(tmp_path):
-    recipe.train_vision(tmp_path / "a", 1.0, batch_size=8, max_steps=4)
-    recipe.train_vision(tmp_path / "b", 1.0, batch_size=8, max_steps=2)
-    recipe.train_vision(tmp_path / "b", 1.0, batch_size=8, max_steps=4)
+    recipe.train_vision(tmp_path / "a", max_steps=4, batch_size=8)
+    recipe.train_vision(tmp_path / "b", max_steps=2, batch_size=8)
+    recipe.train_vision(tmp_path / "b", max_steps=4, batch_size=8)
     a, b = (CLIPVisionModelWithProjection.from_pretrained(tmp_path / d / "vision" / "final") for d in "ab")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name

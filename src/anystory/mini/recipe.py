@@ -1,18 +1,20 @@
 """Train the mini world's base models from nothing, phase by phase, resumably.
 
     python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|all \
-        [--minutes M] [--out runs/mini] [--threads 1]
+        [--steps N] [--minutes M] [--out runs/mini] [--threads 1]
 
-Phases and their default time budgets (minutes of training, one CPU thread):
-- vae (12): AutoencoderKL, L1 reconstruction weighted 4x on subject pixels + tiny KL;
-- base (36): both text encoders jointly with the U-Net, text-to-image, epsilon loss
-  under SDXL's DDPM schedule, captions dropped to zeros 10 % of the time (what the
-  pipeline's `force_zeros_for_empty_prompt` feeds the unconditional branch);
-- vision (5): CLIP vision encoder, contrastive against "a <colour> <shape>" with a
-  throwaway text tower, on segmented subject crops made by `anystory.Subject`;
+Phases, with default step budgets (`DEFAULT_STEPS`; minutes on an idle machine, one
+CPU thread):
+- vae (2000 steps, ~13 min): AutoencoderKL, L1 reconstruction weighted 5x on subject
+  pixels (where the pattern is) + tiny KL;
+- base (3000, ~38 min): both text encoders jointly with the U-Net, text-to-image,
+  epsilon loss under SDXL's DDPM schedule, captions dropped to zeros 10 % of the time
+  (what the pipeline's `force_zeros_for_empty_prompt` feeds the unconditional branch);
+- vision (1500, ~5 min): CLIP vision encoder, contrastive against "a <colour> <shape>"
+  with a throwaway text tower, on segmented subject crops made by `anystory.Subject`;
 - assemble: the `StableDiffusionXLPipeline` folder (fp16) in `weights/base`, with
   `image_encoder` and `feature_extractor`, plus a sample grid for a look;
-- evaluator (4): the ground-truth-only evaluator, shipped in `weights/evaluator`.
+- evaluator (650, ~4 min): the ground-truth-only evaluator, in `weights/evaluator`.
 `all` runs them in that order, skipping finished ones. A phase killed at any point
 resumes from its last checkpoint when rerun with the same command.
 """
@@ -33,6 +35,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..subject import Subject
+from .evaluator import TRAINING_STEPS as EVALUATOR_STEPS
 from .evaluator import train_evaluator
 from .models import (
     MAX_TOKENS,
@@ -49,7 +52,10 @@ from .training import ResumableRun, batch_at
 from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, WorldDataset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MINUTES = {"vae": 12.0, "base": 36.0, "vision": 5.0, "evaluator": 4.0}
+# Step budgets, sized from uncontended one-thread speeds (s/step): vae 0.39 at batch 16,
+# base 0.75 at batch 64, vision 0.2 at batch 128, evaluator 0.35 at batch 32; about
+# 13 + 38 + 5 + 4 = 60 minutes when the machine is otherwise idle.
+DEFAULT_STEPS = {"vae": 2000, "base": 3000, "vision": 1500, "evaluator": EVALUATOR_STEPS}
 SUBJECT_WEIGHT = 4.0  # extra VAE loss weight on subject pixels, where the pattern is
 KL_WEIGHT = 1e-6
 CAPTION_DROP = 0.1
@@ -64,14 +70,14 @@ def _finished(directory: Path) -> bool:
 # --------------------------------------------------------------------------- vae
 
 
-def train_vae(out: Path, minutes: float, batch_size: int = 16, lr: float = 5e-4,
-              max_steps: int | None = None, seed: int = 0) -> Path:
+def train_vae(out: Path, max_steps: int | None = DEFAULT_STEPS["vae"], minutes: float | None = None,
+              batch_size: int = 16, lr: float = 5e-4, seed: int = 0) -> Path:
     """Train the VAE and save it (with its latent scaling factor) to out/vae/final."""
     torch.manual_seed(seed)
     vae = build_vae()
     data = TextToImageDataset(MiniWorld(), seed=seed + 101)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    run = ResumableRun(out / "vae", {"vae": vae}, optimizer, minutes=minutes, max_steps=max_steps, seed=seed)
+    run = ResumableRun(out / "vae", {"vae": vae}, optimizer, max_steps=max_steps, minutes=minutes, seed=seed)
     while not run.done:
         batch = batch_at(data, run.step, batch_size)
         images, weight = batch["image"], 1.0 + SUBJECT_WEIGHT * batch["mask"]
@@ -123,8 +129,8 @@ def encode_captions(captions: list[str], tokenizers, text_encoders) -> tuple[tor
     return torch.cat(hidden, dim=-1), output.text_embeds
 
 
-def train_base(out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4,
-               max_steps: int | None = None, seed: int = 0) -> Path:
+def train_base(out: Path, max_steps: int | None = DEFAULT_STEPS["base"], minutes: float | None = None,
+               batch_size: int = 64, lr: float = 3e-4, seed: int = 0) -> Path:
     """Train both text encoders and the U-Net jointly, text-to-image, on frozen VAE latents."""
     vae = AutoencoderKL.from_pretrained(out / "vae" / FINAL).requires_grad_(False).eval()
     torch.manual_seed(seed)
@@ -134,7 +140,7 @@ def train_base(out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4
     modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    run = ResumableRun(out / "base", modules, optimizer, minutes=minutes, max_steps=max_steps, seed=seed,
+    run = ResumableRun(out / "base", modules, optimizer, max_steps=max_steps, minutes=minutes, seed=seed,
                        warmup_steps=200)
     noise_scheduler = build_train_scheduler()
     data = TextToImageDataset(MiniWorld(), seed=seed + 201)
@@ -214,8 +220,8 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, labels: list[str],
     return -(targets * (logits.log_softmax(1) + logits.T.log_softmax(1))).sum(1).mean() / 2
 
 
-def train_vision(out: Path, minutes: float, batch_size: int = 128, lr: float = 1e-3,
-                 max_steps: int | None = None, seed: int = 0) -> Path:
+def train_vision(out: Path, max_steps: int | None = DEFAULT_STEPS["vision"], minutes: float | None = None,
+                 batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> Path:
     """Train the vision encoder contrastively and save it with its image processor."""
     torch.manual_seed(seed)
     image_encoder, processor = build_image_encoder()
@@ -224,7 +230,7 @@ def train_vision(out: Path, minutes: float, batch_size: int = 128, lr: float = 1
     modules = {"image_encoder": image_encoder, "text_tower": text_tower}
     params = [*image_encoder.parameters(), *text_tower.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    run = ResumableRun(out / "vision", modules, optimizer, minutes=minutes, max_steps=max_steps, seed=seed,
+    run = ResumableRun(out / "vision", modules, optimizer, max_steps=max_steps, minutes=minutes, seed=seed,
                        log_every=20)
     data = SubjectCropDataset(MiniWorld(), processor.image_mean, processor.image_std, seed=seed + 301)
     phrases = sorted({f"a {c} {s}" for c in COLOURS for s in SHAPES})
@@ -304,18 +310,19 @@ def _write_report(directory: Path, report: dict) -> None:
     print(f"[{directory.name}] {json.dumps(report)}", flush=True)
 
 
-def run_phase(phase: str, out: Path, minutes: float | None = None) -> None:
-    budget = minutes if minutes is not None else DEFAULT_MINUTES.get(phase, 0.0)
-    if phase == "vae":
-        train_vae(out, budget)
-    elif phase == "base":
-        train_base(out, budget)
-    elif phase == "vision":
-        train_vision(out, budget)
-    elif phase == "assemble":
+def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None) -> None:
+    if phase == "assemble":
         assemble(out)
+        return
+    budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
+    if phase == "vae":
+        train_vae(out, **budget)
+    elif phase == "base":
+        train_base(out, **budget)
+    elif phase == "vision":
+        train_vision(out, **budget)
     elif phase == "evaluator":
-        train_evaluator(out / "evaluator", budget, weights=WEIGHTS_DIR / "evaluator")
+        train_evaluator(out / "evaluator", **budget, weights=WEIGHTS_DIR / "evaluator")
     else:
         raise ValueError(f"unknown phase {phase!r}")
 
@@ -326,13 +333,14 @@ PHASES = ("vae", "base", "vision", "assemble", "evaluator")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", required=True, choices=(*PHASES, "all"))
-    parser.add_argument("--minutes", type=float, default=None, help="training budget (single phase only)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget (single phase; default per phase)")
+    parser.add_argument("--minutes", type=float, default=None, help="also stop after this much training time")
     parser.add_argument("--out", type=Path, default=Path("runs/mini"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.minutes)
+        run_phase(args.phase, args.out, args.steps, args.minutes)
         return
     for phase in PHASES:
         if phase == "assemble" or not _finished(args.out / phase):
