@@ -165,3 +165,15 @@ def test_a_cast_larger_than_the_per_image_limit_encodes_once(pipe, subjects):
     assert generate(pipe, subjects=encodings.select([3, 0])).images.shape == (1, 64, 64, 3)
     with pytest.raises(SubjectError, match="at most 2 per image"):
         generate(pipe, subjects=encodings)
+
+
+def test_pipeline_folder_round_trip(pipe, subjects, tmp_path):
+    expected = generate(pipe, subjects=subjects[:2]).images
+    pipe.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved_unet = load_file(next((tmp_path / "unet").glob("*.safetensors")))
+    assert not any(".processor." in k for k in saved_unet)  # the base U-Net is saved untouched
+    loaded = AnyStorySDXLPipeline.from_pretrained(tmp_path)
+    assert np.abs(generate(loaded, subjects=subjects[:2]).images - expected).max() <= 1e-5
+    assert np.abs(generate(pipe, subjects=subjects[:2]).images - expected).max() == 0  # still attached

@@ -94,6 +94,15 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         self.register_modules(adapter=adapter)
         adapter.attach(unet)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save every component; the U-Net is saved as the plain base (adapter detached),
+        the adapter in its own folder, so `from_pretrained` rebuilds the same pipeline."""
+        self.adapter.detach(self.unet)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.adapter.attach(self.unet)
+
     @classmethod
     def from_base(
         cls,
@@ -289,14 +298,17 @@ class _StepTracker:
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"subject_steps must satisfy 0 <= start < end <= 1, got {window}")
         self.state, self.num_steps, self.window, self.user_callback = state, num_steps, window, user_callback
-        self.maps = RoutingMaps()
-        self._refined: list[list[torch.Tensor]] = []
-        self._coarse: list[list[torch.Tensor]] = []
+        self._refined: dict[int, list[torch.Tensor]] = {}
+        self._coarse: dict[int, list[torch.Tensor]] = {}
         self.state.active = self._in_window(0)
 
     @property
-    def tensor_inputs(self) -> list[str]:
-        return ["latents"]
+    def maps(self) -> RoutingMaps:
+        layers = sorted(self._refined)
+        return RoutingMaps(
+            refined=[torch.stack(self._refined[l]) for l in layers],
+            coarse=[torch.stack(self._coarse[l]) for l in layers],
+        )
 
     def _in_window(self, step: int) -> bool:
         start, end = self.window
@@ -314,20 +326,12 @@ class _StepTracker:
         return callback_kwargs
 
     def _collect_maps(self) -> None:
-        recorded = self.state.recorded
-        if not recorded:
-            return
+        """Keep this step's maps of the conditional rows, layer by layer."""
         rows = slice(self.state.unconditional_rows, None)
-        layers = sorted(recorded)
-        if not self._refined:
-            self._refined = [[] for _ in layers]
-            self._coarse = [[] for _ in layers]
-        for i, layer in enumerate(layers):
-            self._refined[i].append(recorded[layer].refined[rows])
-            self._coarse[i].append(recorded[layer].coarse[rows])
-        recorded.clear()
-        self.maps.refined = [torch.stack(steps) for steps in self._refined]
-        self.maps.coarse = [torch.stack(steps) for steps in self._coarse]
+        for layer, maps in self.state.recorded.items():
+            self._refined.setdefault(layer, []).append(maps.refined[rows])
+            self._coarse.setdefault(layer, []).append(maps.coarse[rows])
+        self.state.recorded.clear()
 
 
 def _layout_masks(masks, num_subjects: int, size: tuple[int, int]) -> torch.Tensor:
