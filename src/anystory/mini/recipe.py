@@ -14,7 +14,7 @@ CPU thread):
   with a throwaway text tower, on segmented subject crops made by `anystory.Subject`;
 - assemble: the `StableDiffusionXLPipeline` folder (fp16) in `weights/base`, with
   `image_encoder` and `feature_extractor`, plus a sample grid for a look;
-- evaluator (650, ~4 min): the ground-truth-only evaluator, in `weights/evaluator`.
+- evaluator (1000, ~6 min): the ground-truth-only evaluator, in `weights/evaluator`.
 `all` runs them in that order, skipping finished ones. A phase killed at any point
 resumes from its last checkpoint when rerun with the same command.
 """
@@ -54,7 +54,7 @@ from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, W
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Step budgets, sized from uncontended one-thread speeds (s/step): vae 0.39 at batch 16,
 # base 0.75 at batch 64, vision 0.2 at batch 128, evaluator 0.35 at batch 32; about
-# 13 + 38 + 5 + 4 = 60 minutes when the machine is otherwise idle.
+# 13 + 38 + 5 + 6 = 62 minutes when the machine is otherwise idle.
 DEFAULT_STEPS = {"vae": 2000, "base": 3000, "vision": 1500, "evaluator": EVALUATOR_STEPS}
 SUBJECT_WEIGHT = 4.0  # extra VAE loss weight on subject pixels, where the pattern is
 KL_WEIGHT = 1e-6
@@ -64,7 +64,8 @@ FINAL = "final"
 
 
 def _finished(directory: Path) -> bool:
-    return (directory / FINAL).exists()
+    """Every training phase writes its report last."""
+    return (directory / "report.json").exists()
 
 
 # --------------------------------------------------------------------------- vae
@@ -287,7 +288,45 @@ def assemble(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
     _sample_grid(pipeline, out / "base_samples.png")
     target = weights / "base"
     pipeline.to(torch.float16).save_pretrained(target)
+    write_model_card(out, weights)
     return target
+
+
+def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
+    """weights/README.md: what ships, how it was made, and each phase's own numbers."""
+    reports = {
+        phase: json.loads(path.read_text())
+        for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator")]
+        if path.exists()
+    }
+    sizes = {
+        folder.name: sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1e6
+        for folder in sorted(weights.glob("*/*")) if folder.is_dir() and any(folder.rglob("*.safetensors"))
+    }
+    lines = [
+        "# Mini-world weights",
+        "",
+        "Tiny SDXL-shaped models trained from scratch on the procedural mini world",
+        "(`anystory.mini.world`, DESIGN.md section 3), on one CPU thread, with",
+        "`python -m anystory.mini.recipe --phase all` (step budgets in `recipe.DEFAULT_STEPS`).",
+        "Nothing pretrained went in. Licence: Apache-2.0, like the code.",
+        "",
+        "- `base/`: a `StableDiffusionXLPipeline` folder (fp16): VAE (f=4, 64x64 images,",
+        "  16x16 latents), two CLIP text encoders over the world's words, the U-Net, Euler",
+        "  with Karras sigmas, and a CLIP vision encoder (`image_encoder`, 16x16 input) with",
+        "  its `feature_extractor`.",
+        "- `evaluator/`: the ground-truth-only evaluator (`anystory.mini.evaluator`).",
+        "",
+        "Sizes (MB of safetensors): " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()),
+        "",
+        "Each phase's report (steps, training minutes on the machine it ran on, held-out numbers):",
+        "",
+        "```json",
+        json.dumps(reports, indent=2),
+        "```",
+        "",
+    ]
+    (weights / "README.md").write_text("\n".join(lines))
 
 
 @torch.no_grad()
@@ -327,7 +366,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
         raise ValueError(f"unknown phase {phase!r}")
 
 
-PHASES = ("vae", "base", "vision", "assemble", "evaluator")
+PHASES = ("vae", "base", "vision", "evaluator", "assemble")
 
 
 def main(argv: list[str] | None = None) -> None:
