@@ -85,17 +85,18 @@ def time_reference_net(args) -> dict:
         added_cond_kwargs={"text_embeds": torch.zeros(1, text_dim), "time_ids": torch.zeros(1, 6)},
     )
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
 
     with torch.no_grad():
-        original = best(lambda: unet(latents, 0, **full_inputs))
-        simplified = best(lambda: net(latents, mask, (args.size, args.size)))
+        # interleaved, best of `repeats` each: robust to load that drifts during the run
+        pairs = [
+            (timed(lambda: unet(latents, 0, **full_inputs)), timed(lambda: net(latents, mask, (args.size, args.size))))
+            for _ in range(args.repeats + 1)
+        ][1:]
+    original, simplified = (min(times) for times in zip(*pairs))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"original_s": original, "simplified_s": simplified, "unet_params": count(unet), "refnet_params": count(net)}
 

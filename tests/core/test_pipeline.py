@@ -177,3 +177,16 @@ def test_pipeline_folder_round_trip(pipe, subjects, tmp_path):
     loaded = AnyStorySDXLPipeline.from_pretrained(tmp_path)
     assert np.abs(generate(loaded, subjects=subjects[:2]).images - expected).max() <= 1e-5
     assert np.abs(generate(pipe, subjects=subjects[:2]).images - expected).max() == 0  # still attached
+
+
+def test_model_cpu_offload_runs_the_same_generation(pipe, subjects):
+    """Exercises diffusers' offload hooks (the adapter is in the offload sequence and its
+    `encode` triggers them); on this CPU-only machine the 'accelerator' is the CPU itself."""
+    expected = generate(pipe, subjects=subjects[:2]).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    entered = []
+    hook = pipe.adapter._hf_hook
+    original = hook.pre_forward
+    hook.pre_forward = lambda module, *a, **k: (entered.append(module), original(module, *a, **k))[1]
+    assert np.abs(generate(pipe, subjects=subjects[:2]).images - expected).max() <= 1e-5
+    assert entered and entered[0] is pipe.adapter

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from safetensors import safe_open
 from torch import nn
 
@@ -158,6 +159,7 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
 
     # -- encoding subjects --------------------------------------------------------------------
 
+    @apply_forward_hook  # lets diffusers' model CPU offload bring the adapter in for encoding
     def encode(
         self,
         clip_states: torch.Tensor,
