@@ -5,7 +5,8 @@ by --width-div so that it runs on a CPU), measured side by side in one run:
 (a) simplified ReferenceNet forward (no cross-attention, stops after the last
     self-attention) vs the original design (a full U-Net copy run to the end);
 (b) seconds per image of AnyStorySDXLPipeline with N = 0, 1, 2, 4 subjects vs
-    StableDiffusionXLPipeline, same steps, resolution and CFG;
+    StableDiffusionXLPipeline, and of diffusers' IP-Adapter (one image) on the same U-Net,
+    same steps, resolution and CFG;
 (c) peak resident memory of each run (every configuration runs in its own process).
 Prints ratios against the baseline measured in the same run.
 
@@ -101,8 +102,28 @@ def time_reference_net(args) -> dict:
     return {"original_s": original, "simplified_s": simplified, "unet_params": count(unet), "refnet_params": count(net)}
 
 
+def load_random_ip_adapter(pipe, seed: int = 0) -> None:
+    """diffusers' own IP-Adapter (4 image tokens, the lightest peer) with random weights,
+    in the layout `load_ip_adapter` reads: one K/V pair per cross-attention layer."""
+    g = torch.Generator().manual_seed(seed)
+    unet, image_dim = pipe.unet, pipe.image_encoder.config.projection_dim
+    cross = unet.config.cross_attention_dim
+    layers = {}
+    cross_attention_layers = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for index, name in enumerate(cross_attention_layers):
+        width = unet.get_submodule(name.rsplit(".", 1)[0]).to_k.out_features
+        layers[f"{2 * index + 1}.to_k_ip.weight"] = torch.randn(width, cross, generator=g) * cross**-0.5
+        layers[f"{2 * index + 1}.to_v_ip.weight"] = torch.randn(width, cross, generator=g) * cross**-0.5
+    image_proj = {
+        "proj.weight": torch.randn(4 * cross, image_dim, generator=g) * image_dim**-0.5,
+        "proj.bias": torch.zeros(4 * cross), "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross),
+    }
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": layers}])
+    pipe.set_ip_adapter_scale(1.0)
+
+
 def time_generation(args, count: int | None) -> dict:
-    """(b)+(c) for one configuration: None = plain StableDiffusionXLPipeline."""
+    """(b)+(c) for one configuration: None = plain StableDiffusionXLPipeline, -1 = IP-Adapter."""
     from diffusers import StableDiffusionXLPipeline
 
     from anystory import AnyStorySDXLPipeline
@@ -111,6 +132,10 @@ def time_generation(args, count: int | None) -> dict:
     if count is None:
         pipe = StableDiffusionXLPipeline(**components)
         extra = {}
+    elif count < 0:
+        pipe = StableDiffusionXLPipeline(**components)
+        load_random_ip_adapter(pipe)
+        extra = {"ip_adapter_image": subjects(1)[0].image}
     else:
         pipe = AnyStorySDXLPipeline(**components, adapter=adapter_for(components["unet"], args.size // 2))
         extra = {"subjects": subjects(count)} if count else {}
@@ -157,9 +182,9 @@ def main() -> None:
           f"params {ref['refnet_params'] / 1e6:.1f}M vs {ref['unet_params'] / 1e6:.1f}M")
     plain = run_isolated(args, "plain")
     print(f"(b,c) plain SDXL: {plain['seconds']:.2f} s/image, peak RSS {plain['peak_rss_mb']:.0f} MB")
-    for count in (0, 1, 2, 4):
-        r = run_isolated(args, str(count))
-        print(f"      AnyStory N={count}: {r['seconds']:.2f} s/image -> time ratio {r['seconds'] / plain['seconds']:.2f}, "
+    for label, child in [("IP-Adapter (1 image)", "-1")] + [(f"AnyStory N={n}", str(n)) for n in (0, 1, 2, 4)]:
+        r = run_isolated(args, child)
+        print(f"      {label}: {r['seconds']:.2f} s/image -> time ratio {r['seconds'] / plain['seconds']:.2f}, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (ratio {r['peak_rss_mb'] / plain['peak_rss_mb']:.2f})")
 
 
