@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,3 +144,28 @@ def test_router_learns_from_the_diffusion_loss_through_straight_through_gumbel(c
     router = adapter.layers[4].router
     assert router.refined_route.weight.grad.abs().sum() > 0
     assert adapter.routing_qformer.queries.grad.abs().sum() > 0
+
+
+def test_clip_only_ablation_has_no_reference_net_and_no_reference_attention(components, tmp_path):
+    from anystory import AnyStorySDXLPipeline
+
+    from .conftest import random_subject
+
+    adapter = AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, use_reference_net=False)
+    assert adapter.reference_net is None and all(layer.reference_k is None for layer in adapter.layers)
+    assert not any("reference" in k for k in adapter.state_dict())
+    adapter.save_pretrained(tmp_path)
+    adapter = AnyStoryAdapter.from_pretrained(tmp_path)
+    pipe = AnyStorySDXLPipeline(**components, adapter=adapter)
+    differences = []
+
+    def compare_with_plain_self_attention(attn, args, out):
+        differences.append((out - attn.processor.original(attn, args[0])).abs().max().item())
+
+    for block in transformer_blocks(pipe.unet):
+        block.attn1.register_forward_hook(compare_with_plain_self_attention)
+    encodings = pipe.encode_subjects([random_subject(0)])
+    assert encodings.reference_states == {}
+    out = pipe("a dog", subjects=encodings, num_inference_steps=2, height=64, width=64, output_type="np")
+    assert np.isfinite(out.images).all()
+    assert len(differences) == 2 * len(adapter.layers) and max(differences) == 0.0

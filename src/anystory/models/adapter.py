@@ -79,6 +79,7 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         reference_size: int = 512,
         max_subjects: int = 8,
         router_trained: bool = False,
+        use_reference_net: bool = True,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]
@@ -86,14 +87,14 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
             image_embed_dim, cross_dim, num_subject_tokens, qformer_dim, qformer_depth, qformer_heads
         )
         self.routing_qformer = QFormer(image_embed_dim, routing_dim, 1, qformer_dim, qformer_depth, qformer_heads)
-        self.reference_net = ReferenceNet(unet_config)
-        blocks = transformer_blocks(self.reference_net.unet)
+        # Without it (the paper's CLIP-only ablation) no reference attention is added.
+        self.reference_net = ReferenceNet(unet_config) if use_reference_net else None
         self.layers = nn.ModuleList(
             AnyStoryLayer(
-                block.attn1.query_dim, block.attn1.heads, cross_dim, routing_dim,
-                router_dim, router_heads, reference=layer > 0,
+                dim, heads, cross_dim, routing_dim, router_dim, router_heads,
+                reference=use_reference_net and layer > 0,
             )
-            for layer, block in enumerate(blocks)
+            for layer, (dim, heads) in enumerate(_self_attention_shapes(unet_config))
         )
 
     @classmethod
@@ -101,7 +102,8 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         """A fresh adapter for `unet`: ReferenceNet and projections start from its weights."""
         with torch.device(unet.device):
             adapter = cls(unet_config=unet_config_dict(unet), **config)
-        adapter.reference_net.load_unet_weights(unet)
+        if adapter.reference_net is not None:
+            adapter.reference_net.load_unet_weights(unet)
         for layer, block in zip(adapter.layers, transformer_blocks(unet)):
             layer.init_from_block(block)
         return adapter if adapter.dtype == unet.dtype else adapter.to(unet.dtype)
@@ -110,7 +112,9 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
 
     def subject_encoder_parameters(self) -> list[nn.Parameter]:
         """Stage 1: subject QFormer, ReferenceNet, W_hat and W_tilde."""
-        params = [*self.subject_qformer.parameters(), *self.reference_net.parameters()]
+        params = list(self.subject_qformer.parameters())
+        if self.reference_net is not None:
+            params += list(self.reference_net.parameters())
         for layer in self.layers:
             for proj in (layer.subject_k, layer.subject_v, layer.reference_k, layer.reference_v):
                 if proj is not None:
@@ -169,11 +173,11 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         names: list[str] | None = None,
     ) -> SubjectEncodings:
         """Encode N subjects. clip_states: (N+1, T, image_embed_dim) penultimate CLIP states,
-        the last row from the all-zero image; reference_latents: (N, C, h, w);
-        reference_masks: (N, 1, h, w)."""
+        the last row from the all-zero image; reference_latents: (N, C, h, w) and
+        reference_masks: (N, 1, h, w), unused (may be None) without a ReferenceNet."""
         tokens = self.subject_qformer(clip_states)
         routing = self.routing_qformer(clip_states)[:, 0]
-        states = self.reference_net(reference_latents, reference_masks, pixel_size)
+        states = {} if self.reference_net is None else self.reference_net(reference_latents, reference_masks, pixel_size)
         return SubjectEncodings(
             subject_tokens=tokens[:-1],
             null_tokens=tokens[-1:],
@@ -206,6 +210,13 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
             _check_weights(folder, weights)
             kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _self_attention_shapes(unet_config: dict) -> list[tuple[int, int]]:
+    """(width, heads) of each transformer block's self-attention, read off a meta-device U-Net."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    return [(block.attn1.query_dim, block.attn1.heads) for block in transformer_blocks(unet)]
 
 
 def _check_weights(folder: Path, weights: Path) -> None:

@@ -147,12 +147,13 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         if not all(isinstance(s, Subject) for s in subjects):
             raise SubjectError("subjects must be anystory.Subject objects (Subject(image, mask))")
         device = self._execution_device
-        clip_states = self._clip_states(subjects, device)
-        latents, masks, size = self._reference_latents(subjects, device)
         dtype = self.adapter.dtype
-        encodings = self.adapter.encode(
-            clip_states.to(dtype), latents.to(dtype), masks.to(dtype), (size, size), [s.name for s in subjects]
-        )
+        clip_states = self._clip_states(subjects, device).to(dtype)
+        references = (None, None, None)
+        if self.adapter.reference_net is not None:
+            latents, masks, size = self._reference_latents(subjects, device)
+            references = (latents.to(dtype), masks.to(dtype), (size, size))
+        encodings = self.adapter.encode(clip_states, *references, [s.name for s in subjects])
         if not torch.isfinite(encodings.subject_tokens).all():
             raise FloatingPointError("subject encoding produced NaN/inf; try torch_dtype=torch.float32 or bfloat16")
         return encodings
