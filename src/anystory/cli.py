@@ -190,10 +190,10 @@ def output_size(pipe: AnyStorySDXLPipeline, args: argparse.Namespace) -> tuple[i
 def generation_kwargs(pipe: AnyStorySDXLPipeline, args: argparse.Namespace) -> dict:
     """Pipeline arguments shared by generate, visualize and storyboard."""
     height, width = output_size(pipe, args)
-    kwargs = dict(
-        num_inference_steps=args.steps, guidance_scale=args.guidance, subject_scale=args.subject_scale,
-        reference_shift=args.reference_shift, height=height, width=width,
-    )
+    kwargs = {
+        "num_inference_steps": args.steps, "guidance_scale": args.guidance, "subject_scale": args.subject_scale,
+        "reference_shift": args.reference_shift, "height": height, "width": width,
+    }
     if args.negative_prompt:
         kwargs["negative_prompt"] = args.negative_prompt
     return kwargs
@@ -231,7 +231,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .demo import routing_overlay
 
     specs = [parse_subject_spec(s) for s in args.subject]
-    check_images([p for spec in specs for p in spec], "subject file")
+    check_images([p for spec in specs for p in spec], "subject")
     check_images([Path(p) for p in args.layout], "layout mask")
     if args.layout and len(args.layout) != len(args.subject):
         raise CliError(f"--layout takes one mask per --subject: {len(args.subject)} subjects, {len(args.layout)} masks")
@@ -293,7 +293,7 @@ def _storyboard(args: argparse.Namespace) -> None:
 def _visualize(args: argparse.Namespace) -> None:
     from .visualize import layer_groups, routing_grid
 
-    check_images([p for s in args.subject for p in parse_subject_spec(s)], "subject file")
+    check_images([p for s in args.subject for p in parse_subject_spec(s)], "subject")
     pipe = _pipeline(args)
     subjects = load_subjects(args.subject, args.matting)
     result = pipe(
@@ -315,7 +315,7 @@ def _segment(args: argparse.Namespace) -> None:
     from .subject import load_image
 
     check_images([Path(args.image)], "image to segment")
-    check_images([p for s in args.subject for p in parse_subject_spec(s)], "subject file")
+    check_images([p for s in args.subject for p in parse_subject_spec(s)], "subject")
     pipe = _pipeline(args)
     subjects = load_subjects(args.subject, args.matting)
     result = segment(
@@ -331,7 +331,13 @@ def _segment(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import DreamBench, MetricModels, evaluate, format_table, load_groups
+    from .evaluation import (
+        DreamBench,
+        MetricModels,
+        evaluate,
+        format_table,
+        load_groups,
+    )
 
     bench = DreamBench.load(args.dataset)
     cases = (

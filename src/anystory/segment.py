@@ -119,7 +119,7 @@ def _text_conditions(pipe, prompt: str, height: int, width: int, device) -> dict
         (height, width), (0, 0), (height, width), dtype=embeds.dtype,
         text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
     )
-    return dict(
-        encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(device)},
-    )
+    return {
+        "encoder_hidden_states": embeds,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device)},
+    }

@@ -49,7 +49,7 @@ def pick_steps(total: int, rows: int) -> list[int]:
     """Up to `rows` step indices spread evenly over `total` steps, first and last included."""
     if total < 1 or rows < 1:
         raise ValueError(f"need at least one step and one row, got {total} steps and {rows} rows")
-    return sorted({int(round(s)) for s in np.linspace(0, total - 1, min(rows, total))})
+    return sorted({round(s) for s in np.linspace(0, total - 1, min(rows, total))})
 
 
 def colorize(maps: torch.Tensor, size: int) -> Image.Image:

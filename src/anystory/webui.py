@@ -18,21 +18,22 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-from .demo import PALETTE, routing_overlay  # noqa: E402
-from .matting import MattingError, matted_subject  # noqa: E402
-from .storyboard import Storyboard, run_storyboard  # noqa: E402
-from .subject import Subject  # noqa: E402
+from .demo import PALETTE, routing_overlay
+from .matting import MattingError, matted_subject
+from .storyboard import Storyboard, run_storyboard
+from .subject import Subject
 
 MAX_SLOTS = 6
 START_SLOTS = 2
 THEME = gr.themes.Soft(
     primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
 )
+PROGRESS = gr.Progress(track_tqdm=True)  # Gradio finds it as a default argument: the pipeline's bars show in the page
 CSS = """
 .tiny-banner {background: #fff4e5; border: 1px solid #f0b060; border-radius: 8px; padding: 6px 12px;}
 .slot {border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 6px;}
@@ -56,11 +57,11 @@ class Settings:
     negative_prompt: str = ""
 
     def pipeline_kwargs(self) -> dict:
-        return dict(
-            num_inference_steps=int(self.steps), guidance_scale=float(self.guidance),
-            subject_scale=float(self.subject_scale), reference_shift=float(self.reference_shift),
-            height=int(self.height), width=int(self.width), negative_prompt=self.negative_prompt or None,
-        )
+        return {
+            "num_inference_steps": int(self.steps), "guidance_scale": float(self.guidance),
+            "subject_scale": float(self.subject_scale), "reference_shift": float(self.reference_shift),
+            "height": int(self.height), "width": int(self.width), "negative_prompt": self.negative_prompt or None,
+        }
 
 
 class Studio:
@@ -183,6 +184,11 @@ def _draw_shape(kind: str, colour: tuple[int, int, int], seed: int, size: int = 
     return Image.fromarray(pixels, "RGBA")
 
 
+EXAMPLE_PROMPTS = (
+    "on the left, a red star; on the right, a blue circle",
+    "a green triangle on a beach",
+    "on the left, a yellow square; on the right, a red star",
+)
 SAMPLE_SCRIPT = """\
 title: Two friends
 style: "{}, flat illustration"
@@ -202,64 +208,70 @@ frames:
 
 def build_app(studio: Studio) -> gr.Blocks:
     """The interface around a `Studio`."""
-    defaults = studio.settings()
-    small = ["pixelated"] if studio.default_size < 256 else None  # small models: show pixels, not blur
     with gr.Blocks(title="AnyStory") as app:
         gr.Markdown("# AnyStory\nPersonalized generation with one or many subjects: each keeps its identity, none blends into another.")
         gr.Markdown(f"**Model:** {studio.label}", elem_classes=["tiny-banner"] if studio.tiny else None, elem_id="model-label")
         with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=5):
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                        placeholder="on the left, a red star; on the right, a blue circle")
-                    slots, images, masks, removers = _subject_slots()
-                    gr.Markdown("Without a mask, a subject's alpha channel is used, else the matting backend, else the whole image.")
-                    add = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
-                    settings = _advanced_settings(defaults, studio.default_size)
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=4):
-                    with gr.Row():
-                        result = gr.Image(label="Result", type="pil", format="png", elem_id="result", interactive=False,
-                                          height=320, elem_classes=small)
-                        overlay = gr.Image(label="Routing map", type="pil", format="png", elem_id="routing",
-                                           interactive=False, height=320, elem_classes=small)
-                    status = gr.Markdown(elem_id="status")
-            gr.Examples(
-                examples=[
-                    ["on the left, a red star; on the right, a blue circle", str(studio.examples[0]), str(studio.examples[1])],
-                    ["a green triangle on a beach", str(studio.examples[2]), None],
-                    ["on the left, a yellow square; on the right, a red star", str(studio.examples[3]), str(studio.examples[0])],
-                ],
-                inputs=[prompt, images[0], images[1]],
-                label="Examples",
-            )
+            settings = _generate_tab(studio)
         with gr.Tab("Storyboard"):
-            with gr.Row():
-                with gr.Column(scale=5):
-                    script = gr.Code(SAMPLE_SCRIPT, language="yaml", label="Script (YAML or JSON, official AnyStory scripts too)", lines=16)
-                    files = gr.File(label="Reference images the script names", file_count="multiple", file_types=["image"])
-                    gr.Markdown("Uses the advanced options of the Generate tab. Characters without an image are generated from their prompt first.")
-                    tell = gr.Button("Tell the story", variant="primary", elem_id="storyboard-run")
-                with gr.Column(scale=5):
-                    sheet = gr.Image(label="Contact sheet", type="pil", format="png", interactive=False)
-                    frames = gr.Gallery(label="Frames", columns=3, format="png")
-                    story_status = gr.Markdown()
-
-        visible = gr.State([i < START_SLOTS for i in range(MAX_SLOTS)])
-        add.click(_add_slot, visible, [visible, *slots])
-        for i, remove in enumerate(removers):
-            remove.click(lambda v, i=i: _remove_slot(v, i), visible, [visible, *slots, images[i], masks[i]])
-
-        def on_generate(text, *values, progress=gr.Progress(track_tqdm=True)):
-            images, masks, options = values[:MAX_SLOTS], values[MAX_SLOTS : 2 * MAX_SLOTS], values[2 * MAX_SLOTS :]
-            return _as_ui_error(studio.generate, text, list(images), list(masks), Settings(*options))
-
-        def on_storyboard(text, uploads, *options, progress=gr.Progress(track_tqdm=True)):
-            return _as_ui_error(studio.storyboard, text, uploads, Settings(*options))
-
-        run.click(on_generate, [prompt, *images, *masks, *settings], [result, overlay, status], concurrency_id="model")
-        tell.click(on_storyboard, [script, files, *settings], [sheet, frames, story_status], concurrency_id="model")
+            _storyboard_tab(studio, settings)
     return app
+
+
+def _generate_tab(studio: Studio) -> list:
+    """Prompt, subject slots, advanced options, result and overlay, examples; returns the
+    advanced options (the storyboard tab uses them too)."""
+    small = ["pixelated"] if studio.default_size < 256 else None  # small models: show pixels, not blur
+    with gr.Row():
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder=EXAMPLE_PROMPTS[0])
+            slots, images, masks, removers = _subject_slots()
+            gr.Markdown("Without a mask, a subject's alpha channel is used, else the matting backend, else the whole image.")
+            add = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
+            settings = _advanced_settings(studio.settings(), studio.default_size)
+            run = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=4):
+            with gr.Row():
+                result = gr.Image(label="Result", type="pil", format="png", elem_id="result", interactive=False,
+                                  height=320, elem_classes=small)
+                overlay = gr.Image(label="Routing map", type="pil", format="png", elem_id="routing",
+                                   interactive=False, height=320, elem_classes=small)
+            status = gr.Markdown(elem_id="status")
+    paths = [str(p) for p in studio.examples]
+    gr.Examples(
+        examples=[[EXAMPLE_PROMPTS[0], paths[0], paths[1]], [EXAMPLE_PROMPTS[1], paths[2], None],
+                  [EXAMPLE_PROMPTS[2], paths[3], paths[0]]],
+        inputs=[prompt, images[0], images[1]], label="Examples",
+    )
+    visible = gr.State([i < START_SLOTS for i in range(MAX_SLOTS)])
+    add.click(_add_slot, visible, [visible, *slots])
+    for i, remove in enumerate(removers):
+        remove.click(lambda v, i=i: _remove_slot(v, i), visible, [visible, *slots, images[i], masks[i]])
+
+    def on_generate(text, *values, progress=PROGRESS):
+        images, masks, options = values[:MAX_SLOTS], values[MAX_SLOTS : 2 * MAX_SLOTS], values[2 * MAX_SLOTS :]
+        return _as_ui_error(studio.generate, text, list(images), list(masks), Settings(*options))
+
+    run.click(on_generate, [prompt, *images, *masks, *settings], [result, overlay, status], concurrency_id="model")
+    return settings
+
+
+def _storyboard_tab(studio: Studio, settings: list) -> None:
+    with gr.Row():
+        with gr.Column(scale=5):
+            script = gr.Code(SAMPLE_SCRIPT, language="yaml", label="Script (YAML or JSON, official AnyStory scripts too)", lines=16)
+            files = gr.File(label="Reference images the script names", file_count="multiple", file_types=["image"])
+            gr.Markdown("Uses the advanced options of the Generate tab. Characters without an image are generated from their prompt first.")
+            tell = gr.Button("Tell the story", variant="primary", elem_id="storyboard-run")
+        with gr.Column(scale=5):
+            sheet = gr.Image(label="Contact sheet", type="pil", format="png", interactive=False)
+            frames = gr.Gallery(label="Frames", columns=3, format="png")
+            status = gr.Markdown()
+
+    def on_storyboard(text, uploads, *options, progress=PROGRESS):
+        return _as_ui_error(studio.storyboard, text, uploads, Settings(*options))
+
+    tell.click(on_storyboard, [script, files, *settings], [sheet, frames, status], concurrency_id="model")
 
 
 def _subject_slots():
