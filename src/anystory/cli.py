@@ -94,7 +94,9 @@ def load_pipeline(
     else:
         pipe = _base_pipeline(Path(model).expanduser(), adapter, image_encoder, base_config, torch_dtype)
         label = f"SDXL {model}"
-    return pipe.to(device=device, dtype=torch_dtype), label
+    if pipe.dtype != torch_dtype:  # a cast only when needed: diffusers warns about every `to(dtype)`
+        pipe.to(dtype=torch_dtype)
+    return pipe.to(device), label
 
 
 def _mini_pipeline() -> AnyStorySDXLPipeline:
@@ -469,14 +471,14 @@ def _subject_options(parser: argparse.ArgumentParser, required: bool = False) ->
 
 def _sampling_options(parser: argparse.ArgumentParser, steps: int = 25) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same image")
     group.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
     group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     group.add_argument("--subject-scale", type=float, default=1.0, help="eta: strength of the subject condition (default 1)")
     group.add_argument("--reference-shift", type=float, default=0.0, help="gamma: reference-attention shift (default 0)")
     group.add_argument("--height", type=int, help="output height, a multiple of 8 (default: the model's)")
     group.add_argument("--width", type=int, help="output width, a multiple of 8 (default: the model's)")
-    group.add_argument("--negative-prompt", default="")
+    group.add_argument("--negative-prompt", default="", help="what the image should not show")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,11 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     generate = _command(commands, "generate", "generate an image with any number of reference subjects")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="what to draw; describe each subject by what it is (a dog, a cat)")
     _subject_options(generate)
     generate.add_argument("--no-router", action="store_true", help="subjects act everywhere (the blending baseline)")
     generate.add_argument("--layout", nargs="+", default=[], metavar="MASK", help="one mask per subject: place them yourself")
-    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--num-images", type=int, default=1, help="images from one call (OUT-1.png, OUT-2.png ...)")
     generate.add_argument("--out", default="anystory.png", help="output PNG (default: anystory.png)")
     generate.add_argument("--routing-maps", action="store_true", help="also save OUT_routing.png: who owns each region")
     _sampling_options(generate)
@@ -519,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     story.set_defaults(run=_storyboard)
 
     visualize = _command(commands, "visualize", "draw the routing maps over steps and layers (paper Fig. 5)")
-    visualize.add_argument("prompt")
+    visualize.add_argument("prompt", help="what to draw")
     _subject_options(visualize, required=True)
     visualize.add_argument("--out", default="routing_grid.png", help="grid PNG; the image goes to OUT_image.png")
     visualize.add_argument("--rows", type=int, default=5, help="denoising steps shown (default 5)")
@@ -530,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.set_defaults(run=_visualize)
 
     seg = _command(commands, "segment", "find reference subjects in an existing image (routing-map masks)")
-    seg.add_argument("image")
+    seg.add_argument("image", help="the existing image to find the subjects in")
     _subject_options(seg, required=True)
     seg.add_argument("--out", default="segments", help="output folder: one mask PNG per subject + overlay.png")
     seg.add_argument("--prompt", default="", help="optional caption of the image")
