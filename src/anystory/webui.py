@@ -10,6 +10,7 @@ upload size and queues requests (one generation at a time), since one model serv
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -72,6 +73,7 @@ class Studio:
         native = pipe.default_sample_size * pipe.vae_scale_factor
         self.default_size = max(native, 64) if tiny else native  # tiny's native 32 px is too small to see
         self.workdir = Path(tempfile.mkdtemp(prefix="anystory-ui-"))
+        atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
         self.examples = example_subjects(self.workdir / "examples")
 
     def settings(self) -> Settings:
