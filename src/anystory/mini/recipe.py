@@ -288,8 +288,19 @@ def assemble(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
     _sample_grid(pipeline, out / "base_samples.png")
     target = weights / "base"
     pipeline.to(torch.float16).save_pretrained(target)
+    for folder in ("text_encoder", "text_encoder_2", "image_encoder"):
+        _declare_float32(target / folder / "config.json")
     write_model_card(out, weights)
     return target
+
+
+def _declare_float32(config_path: Path) -> None:
+    """Weights are stored in fp16 to fit the size budget, but a plain `from_pretrained`
+    must compute in fp32 on a CPU: diffusers models load as fp32 by default while
+    transformers models follow the config's `dtype`, and mixing the two fails."""
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
@@ -299,10 +310,7 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
         for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator")]
         if path.exists()
     }
-    sizes = {
-        folder.name: sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1e6
-        for folder in sorted(weights.glob("*/*")) if folder.is_dir() and any(folder.rglob("*.safetensors"))
-    }
+    sizes = {str(f.relative_to(weights)): f.stat().st_size / 1e6 for f in sorted(weights.rglob("*.safetensors"))}
     lines = [
         "# Mini-world weights",
         "",
@@ -317,7 +325,7 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
         "  its `feature_extractor`.",
         "- `evaluator/`: the ground-truth-only evaluator (`anystory.mini.evaluator`).",
         "",
-        "Sizes (MB of safetensors): " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()),
+        f"Sizes (MB, {sum(sizes.values()):.1f} in all): " + ", ".join(f"`{k}` {v:.2f}" for k, v in sizes.items()),
         "",
         "Each phase's report (steps, training minutes on the machine it ran on, held-out numbers):",
         "",
