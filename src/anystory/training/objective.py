@@ -70,6 +70,8 @@ class AnyStoryObjective(nn.Module):
         routing_loss_weight: float = 0.1,
         coarse_routing_loss_weight: float = 0.0,
         gumbel_tau: float = 1.0,
+        timestep_range: tuple[int, int] | None = None,
+        sample_latents: bool = True,
     ):
         super().__init__()
         if stage not in (1, 2):
@@ -82,6 +84,8 @@ class AnyStoryObjective(nn.Module):
         self.routing_loss_weight = routing_loss_weight
         self.coarse_routing_loss_weight = coarse_routing_loss_weight
         self.gumbel_tau = gumbel_tau
+        self.timestep_range = tuple(timestep_range or (0, self.noise_scheduler.config.num_train_timesteps))
+        self.sample_latents = sample_latents
 
     @property
     def pipeline(self) -> AnyStorySDXLPipeline:
@@ -96,13 +100,14 @@ class AnyStoryObjective(nn.Module):
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(
                 batch["captions"], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-            latents = vae_latents(pipe.vae, batch["pixel_values"], generator).to(prompt_embeds.dtype)
+            posterior_generator = generator if self.sample_latents else None
+            latents = vae_latents(pipe.vae, batch["pixel_values"], posterior_generator).to(prompt_embeds.dtype)
         encodings = self.encode_subjects(batch)
         state = self.subject_state(batch, encodings, tuple(latents.shape[-2:]), generator, record_maps)
 
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         scheduler = self.noise_scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        timesteps = torch.randint(*self.timestep_range, (latents.shape[0],), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = pipe.unet(
             noisy,

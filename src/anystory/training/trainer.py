@@ -97,6 +97,8 @@ class Trainer:
             routing_loss_weight=config.train.routing_loss_weight,
             coarse_routing_loss_weight=config.train.coarse_routing_loss_weight,
             gumbel_tau=config.train.gumbel_tau,
+            timestep_range=config.train.timestep_range,
+            sample_latents=config.train.sample_latents,
         )
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = get_scheduler(
