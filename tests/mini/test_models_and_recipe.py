@@ -107,8 +107,10 @@ def test_vision_phase_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
 def test_shipped_base_weights_load_with_diffusers():
-    pipeline = StableDiffusionXLPipeline.from_pretrained(SHIPPED_BASE, torch_dtype=torch.float32)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(SHIPPED_BASE)
     encoder = CLIPVisionModelWithProjection.from_pretrained(SHIPPED_BASE / "image_encoder")
+    modules = ("vae", "unet", "text_encoder", "text_encoder_2", "image_encoder")
+    assert {getattr(pipeline, name).dtype for name in modules} == {encoder.dtype} == {torch.float32}
     assert encoder.config.image_size == pipeline.feature_extractor.crop_size["height"]
     image = pipeline("in the middle, a cyan circle; beach background", num_inference_steps=2,
                      output_type="np", generator=torch.Generator().manual_seed(0)).images
