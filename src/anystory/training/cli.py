@@ -27,10 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), train, print the exported adapter's path."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may follow --config
+    unknown = [token for token in extra if "=" not in token or token.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = args.overrides + extra
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
         trainer = Trainer(config, stage=int(args.stage[-1]))
         adapter = trainer.train()
     except (ConfigError, ManifestError, FileNotFoundError) as error:
