@@ -65,3 +65,13 @@ def test_nothing_after_the_last_self_attention_runs(components):
     net.unet.up_blocks[-1].register_forward_hook(lambda *a: ran.append("last up block"))
     net(torch.randn(1, 4, 8, 8), torch.ones(1, 1, 8, 8), pixel_size=(32, 32))
     assert ran == []
+
+
+def test_used_parameters_are_exactly_those_that_receive_gradients(components):
+    net = ReferenceNet.from_unet(components["unet"])
+    states = net(torch.randn(1, 4, 8, 8), torch.ones(1, 1, 8, 8), pixel_size=(16, 16))
+    sum(s.pow(2).sum() for s in states.values()).backward()
+    with_grad = {id(p) for p in net.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    used = {id(p) for p in net.used_parameters()}
+    assert with_grad == used
+    assert id(net.unet.conv_out.weight) not in used and len(used) < len(list(net.parameters()))

@@ -20,7 +20,7 @@ def trained_groups(adapter: AnyStoryAdapter, stage: int) -> dict[str, list[torch
         layers = adapter.layers
         return {
             "subject_qformer": list(adapter.subject_qformer.parameters()),
-            "reference_net": list(adapter.reference_net.parameters()),
+            "reference_net": adapter.reference_net.used_parameters(),  # its unread tail stays frozen
             "subject_kv": [p for l in layers for p in (l.subject_k.weight, l.subject_v.weight)],
             "reference_kv": [p for l in layers[1:] for p in (l.reference_k.weight, l.reference_v.weight)],
         }

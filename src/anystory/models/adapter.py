@@ -111,10 +111,10 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
     # -- the parameter groups of the two training stages --------------------------------
 
     def subject_encoder_parameters(self) -> list[nn.Parameter]:
-        """Stage 1: subject QFormer, ReferenceNet, W_hat and W_tilde."""
+        """Stage 1: subject QFormer, ReferenceNet (the part its forward reads), W_hat and W_tilde."""
         params = list(self.subject_qformer.parameters())
         if self.reference_net is not None:
-            params += list(self.reference_net.parameters())
+            params += self.reference_net.used_parameters()
         for layer in self.layers:
             for proj in (layer.subject_k, layer.subject_v, layer.reference_k, layer.reference_v):
                 if proj is not None:

@@ -59,6 +59,28 @@ class ReferenceNet(ModelMixin, ConfigMixin):
     def num_layers(self) -> int:
         return len(transformer_blocks(self.unet))
 
+    def used_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the forward reads: everything before its early stop.
+
+        Found by running the forward once on the meta device (no compute, no memory) and
+        keeping the modules that ran; the tail after the last captured self-attention
+        (the last attn1, feed-forwards, up blocks, conv_out) never gets a gradient, so
+        training leaves it out of the optimizer (and DDP need not look for it).
+        """
+        with torch.device("meta"):
+            probe = ReferenceNet(self.config.unet_config)
+        ran: set[str] = set()
+        names = {module: name for name, module in probe.named_modules()}
+        hooks = [m.register_forward_hook(lambda m, a, o: ran.add(names[m])) for m in names if not list(m.children())]
+        config = probe.unet.config
+        latent = torch.zeros(1, config.in_channels - 1, 8, 8, device="meta")
+        with torch.no_grad():
+            probe(latent, torch.zeros(1, 1, 8, 8, device="meta"), (64, 64))
+        for hook in hooks:
+            hook.remove()
+        own = dict(self.named_modules())
+        return [p for name in sorted(ran) for p in own[name].parameters(recurse=False)]
+
     def forward(self, latents: torch.Tensor, mask: torch.Tensor, pixel_size: tuple[int, int]) -> dict[int, torch.Tensor]:
         """Return {layer index l (0-based, l >= 1): hidden states entering attn1 of layer l}.
 

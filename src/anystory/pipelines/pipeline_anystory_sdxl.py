@@ -13,7 +13,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from transformers import (
 
 from ..models import AnyStoryAdapter, AnyStoryState, SubjectEncodings
 from ..subject import Subject, SubjectError, latent_mask
+from .components import clip_hidden_states, load_sdxl_components, vae_latents
 
 
 @dataclass
@@ -113,26 +113,14 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         karras_sigmas: bool = True,
         **base_kwargs,
     ) -> "AnyStorySDXLPipeline":
-        """Assemble from local paths: an SDXL diffusers folder or single-file checkpoint
-        (pass `config=` a local SDXL folder for single files, since nothing is downloaded),
-        an adapter folder and a CLIP vision encoder folder. Uses Euler with Karras sigmas
-        (the paper's EDM-style sampling) unless `karras_sigmas=False`."""
-        base = Path(base)
-        if not base.exists():
-            raise FileNotFoundError(f"SDXL checkpoint not found: {base}")
-        load = StableDiffusionXLPipeline.from_single_file if base.is_file() else StableDiffusionXLPipeline.from_pretrained
-        sdxl = load(str(base), torch_dtype=torch_dtype, local_files_only=True, **base_kwargs)
-        encoder_path = Path(image_encoder)
-        if not (encoder_path / "config.json").exists():
-            raise FileNotFoundError(f"no CLIP vision encoder (config.json) in {encoder_path}")
-        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_path, torch_dtype=torch_dtype)
-        extractor = CLIPImageProcessor.from_pretrained(encoder_path) if (encoder_path / "preprocessor_config.json").exists() else CLIPImageProcessor()
+        """Assemble from local paths (see `load_sdxl_components`) and an adapter folder.
+        Uses Euler with Karras sigmas (the paper's EDM-style sampling) unless `karras_sigmas=False`."""
+        components = load_sdxl_components(base, image_encoder, torch_dtype, **base_kwargs)
         if not isinstance(adapter, AnyStoryAdapter):
             adapter = AnyStoryAdapter.from_pretrained(adapter, torch_dtype=torch_dtype)
-        components = {k: v for k, v in sdxl.components.items() if k not in ("image_encoder", "feature_extractor")}
         if karras_sigmas:
-            components["scheduler"] = EulerDiscreteScheduler.from_config(sdxl.scheduler.config, use_karras_sigmas=True)
-        return cls(**components, image_encoder=encoder, feature_extractor=extractor, adapter=adapter)
+            components["scheduler"] = EulerDiscreteScheduler.from_config(components["scheduler"].config, use_karras_sigmas=True)
+        return cls(**components, adapter=adapter)
 
     # -- subjects -------------------------------------------------------------------------------
 
@@ -163,27 +151,13 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         extractor = self.feature_extractor
         size = extractor.crop_size["height"]
         pixels = torch.stack([s.clip_pixels(size, extractor.image_mean, extractor.image_std) for s in subjects])
-        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
-        encoder = self.image_encoder
-        out = encoder(pixels.to(device=device, dtype=encoder.dtype), output_hidden_states=True)
-        return out.hidden_states[-2]
+        return clip_hidden_states(self.image_encoder, torch.cat([pixels, torch.zeros_like(pixels[:1])]).to(device))
 
     def _reference_latents(self, subjects: list[Subject], device):
         """VAE latents of the segmented references and their masks at latent size."""
         size = self.adapter.config.reference_size
         pixels, masks = map(torch.stack, zip(*(s.reference_pixels(size) for s in subjects)))
-        vae = self.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        dtype = torch.float32 if upcast else vae.dtype
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            latents = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.mode()
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
+        latents = vae_latents(self.vae, pixels.to(device))
         return latents, latent_mask(masks.to(device), latents.shape[-2:]), size
 
     # -- generation -----------------------------------------------------------------------------

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from diffusers import StableDiffusionXLPipeline
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
 from ..models import AnyStoryAdapter
+from ..pipelines.components import load_sdxl_components
 from ..testing import tiny_sdxl_components
 from .config import ConfigError, ModelConfig
 
@@ -24,22 +22,12 @@ def load_base_components(config: ModelConfig) -> dict:
     """SDXL components plus a CLIP vision encoder, from local paths (or the tiny test set)."""
     if config.base == "tiny":
         return tiny_sdxl_components(config.seed)
-    base = Path(config.base)
-    if not base.exists():
-        raise ConfigError(f"model.base not found: {base} (an SDXL diffusers folder or single-file checkpoint)")
+    if not Path(config.base).exists():
+        raise ConfigError(f"model.base not found: {config.base} (an SDXL diffusers folder or single-file checkpoint)")
     if config.image_encoder is None or not (Path(config.image_encoder) / "config.json").exists():
         raise ConfigError(f"model.image_encoder must be a CLIP vision encoder folder, got {config.image_encoder!r}")
-    if base.is_file():
-        extra = {"config": config.base_config} if config.base_config else {}
-        sdxl = StableDiffusionXLPipeline.from_single_file(str(base), local_files_only=True, **extra)
-    else:
-        sdxl = StableDiffusionXLPipeline.from_pretrained(str(base), local_files_only=True)
-    encoder_path = Path(config.image_encoder)
-    has_processor = (encoder_path / "preprocessor_config.json").exists()
-    components = {k: v for k, v in sdxl.components.items() if k not in ("image_encoder", "feature_extractor")}
-    components["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(encoder_path)
-    components["feature_extractor"] = CLIPImageProcessor.from_pretrained(encoder_path) if has_processor else CLIPImageProcessor()
-    return components
+    extra = {"config": config.base_config} if config.base_config and Path(config.base).is_file() else {}
+    return load_sdxl_components(config.base, config.image_encoder, **extra)
 
 
 def load_adapter(config: ModelConfig, components: dict, stage: int) -> AnyStoryAdapter:

@@ -17,21 +17,8 @@ from torch import nn
 
 from ..models import AnyStoryAdapter, AnyStoryState, RecordedMaps, SubjectEncodings
 from ..pipelines import AnyStorySDXLPipeline
+from ..pipelines.components import clip_hidden_states, vae_latents
 from ..subject import latent_mask
-
-
-def vae_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled VAE latents: a sample of the posterior (targets) or its mode (references, as at inference)."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    latents = dist.sample(generator) if generator is not None else dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def clip_states(image_encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """Penultimate CLIP hidden states (the subject encoders' input)."""
-    out = image_encoder(pixels.to(image_encoder.device, image_encoder.dtype), output_hidden_states=True)
-    return out.hidden_states[-2]
 
 
 def pad_subjects(values: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -146,7 +133,7 @@ class AnyStoryObjective(nn.Module):
         valid = batch["subject_valid"]
         clip_pixels = batch["clip_pixels"][valid]
         with torch.no_grad():
-            states = clip_states(pipe.image_encoder, torch.cat([clip_pixels, torch.zeros_like(clip_pixels[:1])]))
+            states = clip_hidden_states(pipe.image_encoder, torch.cat([clip_pixels, torch.zeros_like(clip_pixels[:1])]))
             references = vae_latents(pipe.vae, batch["reference_pixels"][valid])
             masks = latent_mask(batch["reference_masks"][valid].to(references), references.shape[-2:])
         dtype = self.adapter.dtype

@@ -176,7 +176,7 @@ class Trainer:
         pipeline.set_progress_bar_config(disable=True)
         if self.config.train.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
-            if self.stage == 1:
+            if self.stage == 1 and self.adapter.reference_net is not None:
                 self.adapter.reference_net.unet.enable_gradient_checkpointing()
         return pipeline
 

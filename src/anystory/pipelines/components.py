@@ -1,0 +1,59 @@
+"""The frozen SDXL parts AnyStory reads from: loading them from local paths, and the two
+encodings of reference pixels (CLIP hidden states, VAE latents) that inference and
+training share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+
+def load_sdxl_components(
+    base: str | os.PathLike,
+    image_encoder: str | os.PathLike,
+    torch_dtype: torch.dtype | None = None,
+    **base_kwargs,
+) -> dict:
+    """SDXL components plus a CLIP vision encoder and its processor, from local paths only.
+
+    base: an SDXL diffusers folder or a single-file checkpoint (pass `config=` a local SDXL
+    folder for single files, since nothing is downloaded)."""
+    base = Path(base)
+    if not base.exists():
+        raise FileNotFoundError(f"SDXL checkpoint not found: {base}")
+    load = StableDiffusionXLPipeline.from_single_file if base.is_file() else StableDiffusionXLPipeline.from_pretrained
+    sdxl = load(str(base), torch_dtype=torch_dtype, local_files_only=True, **base_kwargs)
+    encoder_path = Path(image_encoder)
+    if not (encoder_path / "config.json").exists():
+        raise FileNotFoundError(f"no CLIP vision encoder (config.json) in {encoder_path}")
+    components = {k: v for k, v in sdxl.components.items() if k not in ("image_encoder", "feature_extractor")}
+    components["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(encoder_path, torch_dtype=torch_dtype)
+    has_processor = (encoder_path / "preprocessor_config.json").exists()
+    components["feature_extractor"] = CLIPImageProcessor.from_pretrained(encoder_path) if has_processor else CLIPImageProcessor()
+    return components
+
+
+def clip_hidden_states(image_encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor) -> torch.Tensor:
+    """Penultimate CLIP hidden states (Eq. 2's input): (B, tokens, width)."""
+    out = image_encoder(pixels.to(image_encoder.device, image_encoder.dtype), output_hidden_states=True)
+    return out.hidden_states[-2]
+
+
+def vae_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled VAE latents of pixels in [-1, 1]: a posterior sample with `generator` (training
+    targets), else its mode (references). A float16 VAE that asks for it runs in float32."""
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = dist.sample(generator) if generator is not None else dist.mode()
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
