@@ -307,7 +307,7 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     """weights/README.md: what ships, how it was made, and each phase's own numbers."""
     reports = {
         phase: json.loads(path.read_text())
-        for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator")]
+        for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator", *STAGES)]
         if path.exists()
     }
     sizes = {str(f.relative_to(weights)): f.stat().st_size / 1e6 for f in sorted(weights.rglob("*.safetensors"))}
@@ -357,9 +357,28 @@ def _write_report(directory: Path, report: dict) -> None:
     print(f"[{directory.name}] {json.dumps(report)}", flush=True)
 
 
+def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
+    """Copy the trained adapters into `weights/` in fp16 (the full one and the ablation)."""
+    from ..models import AnyStoryAdapter
+
+    for phase, name in (("stage2", "adapter"), ("stage1_clip_only", "adapter_clip_only")):
+        source = out / phase / "adapter"
+        if source.exists():
+            AnyStoryAdapter.from_pretrained(source).to(torch.float16).save_pretrained(weights / name)
+    write_model_card(out, weights)
+
+
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None) -> None:
     if phase == "assemble":
         assemble(out)
+        return
+    if phase == "ship":
+        ship_adapters(out)
+        return
+    if phase in STAGES:
+        from .stages import train_stage
+
+        train_stage(phase, out, steps=steps)
         return
     budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
     if phase == "vae":
@@ -374,7 +393,8 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
         raise ValueError(f"unknown phase {phase!r}")
 
 
-PHASES = ("vae", "base", "vision", "evaluator", "assemble")
+STAGES = ("stage1", "stage2", "stage1_clip_only")  # AnyStory itself, with the project's Trainer
+PHASES = ("vae", "base", "vision", "evaluator", "assemble", *STAGES, "ship")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         run_phase(args.phase, args.out, args.steps, args.minutes)
         return
     for phase in PHASES:
-        if phase == "assemble" or not _finished(args.out / phase):
+        if phase in ("assemble", "ship") or not _finished(args.out / phase):
             run_phase(phase, args.out)
 
 
