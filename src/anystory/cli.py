@@ -100,14 +100,12 @@ def load_pipeline(
 
 
 def _mini_pipeline() -> AnyStorySDXLPipeline:
+    from .mini import load_pipeline as load_mini
+
     try:
-        from .mini import load_pipeline as load_mini
-    except ImportError:
-        raise CliError(
-            "the mini world's bundled weights are not in this install yet; use --model PATH with "
-            "--adapter DIR --image-encoder DIR for a real SDXL, or --model tiny to try the tool on random weights"
-        ) from None
-    return load_mini()
+        return load_mini()
+    except FileNotFoundError as error:
+        raise CliError(f"{error}; or use --model PATH (a real SDXL) or --model tiny (random weights)") from None
 
 
 def _base_pipeline(model: Path, adapter, image_encoder, base_config, torch_dtype) -> AnyStorySDXLPipeline:
@@ -230,7 +228,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .demo import routing_overlay
+    from .visualize import routing_overlay
 
     specs = [parse_subject_spec(s) for s in args.subject]
     check_images([p for spec in specs for p in spec], "subject")
@@ -312,7 +310,7 @@ def _visualize(args: argparse.Namespace) -> None:
 def _segment(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .demo import routing_overlay
+    from .visualize import routing_overlay
     from .segment import segment
     from .subject import load_image
 

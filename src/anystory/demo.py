@@ -1,76 +1,57 @@
-"""The main job: one single-subject and one two-subject generation, with routing overlays.
+"""The main job: AnyStory end to end on the bundled mini-world weights, no download.
 
-Until the mini world's trained weights ship, it runs on tiny RANDOM weights
-(`anystory.testing`): the images are noise-like, but every stage of the method runs —
-subject preprocessing, CLIP + QFormers, ReferenceNet, router, routed attention.
+A single-subject image, a two-subject image and a three-frame storyboard with two
+recurring characters, from bundled references; PNGs, routing-map overlays and an index
+page that shows them side by side.
 """
 
 from __future__ import annotations
 
 import html
+import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from . import AnyStoryAdapter, AnyStorySDXLPipeline, Subject
-from .testing import tiny_sdxl_components
+from . import Subject
+from .mini import load_pipeline
+from .storyboard import Storyboard, run_storyboard
+from .visualize import routing_overlay
 
-PALETTE = np.array([[230, 60, 60], [60, 110, 230], [60, 190, 90], [230, 200, 60]], dtype=np.float32)
-
-
-def routing_overlay(image: Image.Image, maps: torch.Tensor) -> Image.Image:
-    """Colour each pixel by the subject its route points to (background left as is)."""
-    owner = maps.argmax(dim=0)  # (h, w) with N = background
-    owner = np.asarray(Image.fromarray(owner.numpy().astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST))
-    pixels = np.asarray(image, dtype=np.float32)
-    background = maps.shape[0] - 1
-    for i in range(background):
-        pixels[owner == i] = 0.5 * pixels[owner == i] + 0.5 * PALETTE[i % len(PALETTE)]
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+ASSETS = Path(__file__).parent / "mini" / "assets"
+SHOTS = [
+    ("single", "in the middle, a red heart; beach background", ("hero",)),
+    ("pair", "on the left, a red heart; on the right, a blue circle; forest background", ("hero", "friend")),
+]
+VIEW = 256  # pixels on the index page (the mini world renders at 64)
 
 
-def _toy_subject(colour: tuple[int, int, int], seed: int) -> Subject:
-    rng = np.random.default_rng(seed)
-    image = np.full((64, 64, 3), 255, dtype=np.uint8)
-    mask = np.zeros((64, 64), dtype=bool)
-    mask[12:52, 16:48] = True
-    image[mask] = colour
-    image[20:44:8, 24:40:8] = rng.integers(0, 255, size=3)
-    return Subject(image, mask, name=f"subject{seed}")
+def _figure(path: str, caption: str) -> str:
+    return (f"<figure><img src='{path}' width={VIEW} style='image-rendering:pixelated'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def run_demo(out: Path, seed: int = 0) -> Path:
+    """Write the demo into `out` and return its index page."""
     out.mkdir(parents=True, exist_ok=True)
-    components = tiny_sdxl_components(seed)
-    torch.manual_seed(seed)
-    adapter = AnyStoryAdapter.from_unet(
-        components["unet"], image_embed_dim=24, num_subject_tokens=4, qformer_dim=32, qformer_heads=4,
-        routing_dim=32, router_dim=16, router_heads=2, reference_size=32, router_trained=True,
-    )
-    pipe = AnyStorySDXLPipeline(**components, adapter=adapter)
+    pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    subjects = [_toy_subject((200, 40, 40), 1), _toy_subject((40, 60, 200), 2)]
-    rows = []
-    for name, prompt, cast in [
-        ("single", "a red dog on the beach", subjects[:1]),
-        ("pair", "on the left a red dog, on the right a blue cat", subjects),
-    ]:
-        result = pipe(prompt, subjects=cast, height=64, width=64, num_inference_steps=10,
-                      generator=torch.Generator().manual_seed(seed), return_routing_maps=True)
-        image = result.images[0]
-        image.save(out / f"{name}.png")
-        overlay = routing_overlay(image, result.routing_maps.mean()[-1, 0])
-        overlay.save(out / f"{name}_routing.png")
-        rows.append((prompt, f"{name}.png", f"{name}_routing.png"))
+    sections = []
+    for name, prompt, cast in SHOTS:
+        subjects = [Subject(ASSETS / f"{who}.png", name=who) for who in cast]
+        result = pipe(prompt, subjects=subjects, generator=torch.Generator().manual_seed(seed), return_routing_maps=True)
+        result.images[0].save(out / f"{name}.png")
+        routing_overlay(result.images[0], result.routing_maps.mean()[-1, 0]).save(out / f"{name}_routing.png")
+        for who in cast:
+            shutil.copy(ASSETS / f"{who}.png", out / f"reference_{who}.png")
+        figures = [_figure(f"reference_{w}.png", f"reference: {w}") for w in cast]
+        figures += [_figure(f"{name}.png", prompt), _figure(f"{name}_routing.png", "routing map (last step)")]
+        sections.append(f"<h2>{name}</h2><div style='display:flex;gap:12px'>{''.join(figures)}</div>")
+    story = run_storyboard(pipe, Storyboard.load(ASSETS / "story.yaml"), out / "storyboard", progress=False)
+    sections.append(f"<h2>storyboard</h2>{_figure('storyboard/contact_sheet.png', f'{len(story.frames)} frames, each character encoded once')}")
     index = out / "index.html"
-    cells = "".join(
-        f"<tr><td>{html.escape(p)}</td><td><img src='{a}' width=192></td><td><img src='{b}' width=192></td></tr>"
-        for p, a, b in rows
-    )
     index.write_text(
-        "<html><body><h1>AnyStory demo (tiny random weights)</h1>"
-        f"<table><tr><th>prompt</th><th>image</th><th>routing</th></tr>{cells}</table></body></html>"
+        "<html><head><meta charset='utf-8'><title>AnyStory demo</title></head><body>"
+        "<h1>AnyStory demo (mini world, bundled weights)</h1>" + "".join(sections) + "</body></html>"
     )
     return index

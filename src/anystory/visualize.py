@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .demo import PALETTE
 from .models import transformer_blocks
 from .pipelines import RoutingMaps
 
+PALETTE = np.array([[230, 60, 60], [60, 110, 230], [60, 190, 90], [230, 200, 60]], dtype=np.float32)
 BACKGROUND = np.array([40, 40, 40], dtype=np.float32)
 PAD = 4
 LABEL_WIDTH = 72
@@ -29,6 +29,18 @@ LEGEND_HEIGHT = 28
 KINDS = ("refined", "coarse")
 
 LayerGroups = list[tuple[str, list[int]]]
+
+
+def routing_overlay(image: Image.Image, maps: torch.Tensor) -> Image.Image:
+    """Colour each pixel by the subject its route points to (background left as is).
+
+    maps: (N+1, h, w) routing weights of one image, entry N the background."""
+    owner = maps.argmax(dim=0)
+    owner = np.asarray(Image.fromarray(owner.numpy().astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST))
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    for i in range(maps.shape[0] - 1):
+        pixels[owner == i] = 0.5 * pixels[owner == i] + 0.5 * PALETTE[i % len(PALETTE)]
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
 def layer_groups(unet: torch.nn.Module) -> LayerGroups:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .demo import PALETTE, routing_overlay
+from .visualize import PALETTE, routing_overlay
 from .matting import MattingError, matted_subject
 from .storyboard import Storyboard, run_storyboard
 from .subject import Subject

@@ -11,7 +11,7 @@ from PIL import Image
 
 from anystory import AnyStorySDXLPipeline, Subject
 from anystory.cli import main
-from anystory.demo import routing_overlay
+from anystory.visualize import routing_overlay
 from anystory.visualize import grid_shape, layer_groups
 from tests.test_dreambench_eval import SUBSET, save_tiny_models
 
@@ -82,16 +82,6 @@ def test_bad_inputs_end_with_one_clear_line(capsys, tmp_path, model_dir, referen
     assert code == 2 and "Traceback" not in err
     assert lines[-1].startswith("anystory: error:") and message in lines[-1]
     assert not (tmp_path / "x.png").exists()
-
-
-def test_mini_model_fails_clearly_until_it_ships(capsys):
-    pytest.importorskip("anystory.mini")
-    import anystory.mini
-
-    if hasattr(anystory.mini, "load_pipeline"):
-        pytest.skip("the mini world ships its pipeline loader")
-    code, _, err = run(capsys, "generate", PROMPT)
-    assert code == 2 and "mini world's bundled weights are not in this install" in err and "--model tiny" in err
 
 
 def test_a_real_process_exits_2_with_one_line(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anystory.demo import PALETTE
+from anystory.visualize import PALETTE
 from anystory.pipelines import RoutingMaps
 from anystory.testing import tiny_unet
 from anystory.visualize import (

@@ -11,28 +11,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..pipelines import AnyStorySDXLPipeline
 from ..subject import Subject, SubjectError
+from ..visualize import routing_overlay
 from .data import Record, SampleError
 from .transforms import SampleTransform
-
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240), (245, 130, 48), (240, 50, 230)])
-
-
-def routing_overlay(image: Image.Image, owner: np.ndarray, num_subjects: int, alpha: float = 0.5) -> Image.Image:
-    """Colour each position by the subject that the router sent it to (background: uncoloured).
-
-    owner: (H, W) ints in [0, N], N = num_subjects being the background, at the image's size.
-    """
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colours = PALETTE[owner % len(PALETTE)].astype(np.float32)
-    blended = np.where((owner < num_subjects)[..., None], (1 - alpha) * pixels + alpha * colours, pixels)
-    return Image.fromarray(blended.clip(0, 255).astype(np.uint8))
-
 
 @dataclass
 class ValidationSample:
@@ -81,8 +67,7 @@ class ValidationSet:
                 image = out.images[0]
                 panels = [s.image.resize(image.size) for s in sample.subjects] + [image]
                 if out.routing_maps is not None:
-                    owner = out.routing_maps.mean(size=(image.height, image.width))[-1, 0].argmax(dim=0).numpy()
-                    panels.append(routing_overlay(image, owner, len(sample.subjects)))
+                    panels.append(routing_overlay(image, out.routing_maps.mean()[-1, 0]))
                 rows.append(panels)
         grid = _grid(rows)
         folder.mkdir(parents=True, exist_ok=True)
