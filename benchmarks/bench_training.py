@@ -33,7 +33,7 @@ from shapes import pair_records, scene_records  # noqa: E402
 
 from anystory.testing import tiny_sdxl_components  # noqa: E402
 from anystory.training import Trainer, load_config  # noqa: E402
-from anystory.training.objective import vae_latents  # noqa: E402
+from anystory.pipelines.components import vae_latents  # noqa: E402
 from anystory.training.transforms import collate  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
