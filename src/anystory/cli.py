@@ -1,5 +1,5 @@
 """The `anystory` command line: generate, storyboard, visualize, segment, evaluate, serve,
-train and demo.
+train, demo and mini (the mini world: `anystory mini evaluate`).
 
 Every command that needs a model takes the same options: `--model mini` (the bundled
 mini-world weights, the default), `--model tiny` (tiny random weights: every stage of the
@@ -385,6 +385,20 @@ def _serve(args: argparse.Namespace) -> None:
           queue_size=args.queue_size, tiny=args.model == "tiny")
 
 
+def _mini_evaluate(args: argparse.Namespace) -> None:
+    from .mini.claims import CLAIMS, run_claims
+
+    claims = [c.strip() for c in args.claims.split(",") if c.strip()]
+    unknown = sorted(set(claims) - set(CLAIMS))
+    if unknown or not claims:
+        raise CliError(f"--claims takes a comma-separated subset of {','.join(CLAIMS)}, got {args.claims!r}")
+    if args.count < 1:
+        raise CliError(f"--count must be at least 1, got {args.count}")
+    given = {"seed": args.seed, "weights": args.weights and Path(args.weights)}
+    run_claims(claims, count=args.count, out=Path(args.out), **{k: v for k, v in given.items() if v is not None})
+    print(f"claims: {Path(args.out) / 'claims.json'}, table: {Path(args.out) / 'claims.md'}")
+
+
 def _train(argv: list[str]) -> int:
     from .training.cli import main as train_main
 
@@ -429,6 +443,13 @@ the subjects; the router's maps give one mask per subject (paper §3.3).""",
 
 Prints the table in the form of UNO's Table 1 (DINO, CLIP-I, CLIP-T). With --out, generated
 images are kept there and a re-run resumes where it stopped.""",
+    "mini evaluate": """examples:
+  anystory mini evaluate                                   # all four claims, 200 generations per cell
+  anystory mini evaluate --claims fidelity,text --count 50 --out outputs/quick
+  anystory mini evaluate --claims routing --out outputs/mini_claims   # adds to claims.json there
+
+Held-out identities, fixed seeds; claims.json, claims.md (the table) and one contact sheet
+per claim (<claim>.png) go to --out. Definitions: anystory/mini/claims.py.""",
     "serve": """examples:
   anystory serve                       # mini world at http://127.0.0.1:7860
   anystory serve --tiny --port 7861    # random weights, to try the interface
@@ -556,6 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(ev)
     _model_options(ev)
     ev.set_defaults(run=_evaluate)
+
+    mini = _command(commands, "mini", "the mini world: the paper's claims measured on the bundled weights")
+    mini_commands = mini.add_subparsers(dest="mini_command", required=True, metavar="COMMAND")
+    claims = _command(mini_commands, "evaluate", "the paper's Figs. 3-6 as numbers on held-out identities")
+    claims.epilog = EXAMPLES["mini evaluate"]
+    claims.add_argument("--count", type=int, default=200, help="generations (scenes for routing) per cell (default 200)")
+    claims.add_argument("--out", default="outputs/mini_claims", help="output folder (default: outputs/mini_claims)")
+    claims.add_argument("--claims", default="fidelity,blending,routing,text",
+                        help="comma-separated subset of fidelity,blending,routing,text (default: all)")
+    claims.add_argument("--seed", type=int, help="seed of the cases and the sampling noise (default: the published one)")
+    claims.add_argument("--weights", help="mini weights folder with base/, adapter/, adapter_clip_only/ (default: bundled)")
+    claims.set_defaults(run=_mini_evaluate)
 
     serve = _command(commands, "serve", "start the web UI")
     serve.add_argument("--tiny", action="store_true", help="run on tiny random weights (same as --model tiny)")
