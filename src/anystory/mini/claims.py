@@ -365,18 +365,19 @@ def text_alignment(pipe, evaluator: MiniEvaluator, count: int = DEFAULT_COUNT, s
     """Does personalization leave the caption's background and layout intact?"""
     groups = single_subject_groups(count - count // 2, seed, "text") + pair_groups(count // 2, seed, "text_pairs", twins=False)
     hits = {cell: {"background": [], "position": []} for cell in TEXT_CELLS}
-    rows = []
+    rows = {1: [], 2: []}  # examples of single- and two-subject prompts
     for group in groups:
         images = {cell: generate(pipe, group, personalized).images for cell, personalized in TEXT_CELLS.items()}
         for cell, batch in images.items():
             for scene, reading in zip(group.scenes, evaluator.read(batch)):
                 hits[cell]["background"].append(reading.background == scene.background)
                 hits[cell]["position"].append(positions_correct(reading.regions, scene))
-        if len(rows) < EXAMPLES and (len(rows) < EXAMPLES // 2) == (len(group.identities) == 1):
+        examples = rows[len(group.identities)]
+        if len(examples) < EXAMPLES // 2:
             refs = [r.image for r in group.references] + [np.zeros_like(images["base"][0])] * (2 - len(group.references))
-            rows.append(([*refs, images["personalized"][0], images["base"][0]], group.prompts[0]))
+            examples.append(([*refs, images["personalized"][0], images["base"][0]], group.prompts[0]))
     if sheet:
-        contact_sheet(rows, ["reference", "reference", "personalized", "base"], sheet)
+        contact_sheet(rows[1] + rows[2], ["reference", "reference", "personalized", "base"], sheet)
     return TextAlignment(count, *({c: _mean(h[key]) for c, h in hits.items()} for key in ("background", "position")))
 
 
@@ -428,6 +429,18 @@ def markdown_table(results: dict[str, dict]) -> str:
                 verdict = {True: "pass", False: "FAIL", None: ""}[row["passed"]]
                 lines.append(f"| {claim} | {row['cell']} | {row['metric']} | {row['value']:.3f} | "
                              f"{results[claim]['count']} | {row['target']} | {verdict} |")
+    if "routing" in results:
+        lines += ["", _per_step_table(results["routing"]["result"])]
+    return "\n".join(lines)
+
+
+def _per_step_table(routing: dict, every: int = 3) -> str:
+    """Routing IoU over denoising steps (step 0 is the noisiest), every `every` steps and the last."""
+    total = len(routing["refined_per_step"])
+    steps = sorted({*range(0, total, every), total - 1})
+    lines = ["| routing mean IoU at step | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for kind in ("refined", "coarse"):
+        lines.append(f"| {kind} | " + " | ".join(f"{routing[f'{kind}_per_step'][s]:.3f}" for s in steps) + " |")
     return "\n".join(lines)
 
 
