@@ -9,8 +9,9 @@ Two diffusers attention processors, one pair per transformer block l:
   and values are extended with the ReferenceNet tokens of the subject that the previous
   layer's route assigns to each position; background positions see only their own.
 
-Hard routing sends each query to exactly one condition, so queries are grouped per
-route and every attention call stays mask-free (no materialised bias, fast kernels).
+Hard routing sends each query to exactly one subject's reference tokens, so the
+reference attention groups queries per route and every attention call stays mask-free
+(no materialised bias, fast kernels).
 With no state (no subjects), both delegate to the processor they replaced, so the
 U-Net computes exactly what it did before.
 """
@@ -114,23 +115,26 @@ def subject_attention(
     """The sum over i of sigma(M_i) * Attn(Q, E_i W_k, E_i W_v) of Eq. 5.
 
     query: (B, H, L, D); subject_key/value: (B, N+1, H, T, D), entry N = background;
-    sigma: (B, N+1, L) hard routes, or None (no router: every subject everywhere, the
-    background nowhere); valid: (B, N) bool.
+    sigma: (B, N+1, L) hard routes (straight-through in training), or None (no router:
+    every subject everywhere, the background nowhere); valid: (B, N) bool.
+
+    Every entry is attended densely and weighted: with T (64) keys per entry this costs
+    (N+1) * T keys per query, small beside self-attention's L, and it is what the
+    straight-through gradient of sigma needs anyway (one path for training and inference).
     """
     batch, entries = subject_key.shape[:2]
     if sigma is None:
-        per_subject = SDPA(query[:, None].expand(-1, entries - 1, -1, -1, -1), subject_key[:, :-1], subject_value[:, :-1])
-        weight = torch.ones(batch, entries - 1, device=query.device, dtype=query.dtype)
+        weight = torch.ones(batch, entries, 1, device=query.device, dtype=query.dtype)
+        weight[:, -1] = 0
         if valid is not None:
-            weight = weight * valid.to(query.dtype)
-        return torch.einsum("bnhld,bn->bhld", per_subject, weight)
-    if sigma.requires_grad:
-        # Straight-through training: every entry's attention is needed for the gradient of sigma.
-        per_entry = SDPA(query[:, None].expand(-1, entries, -1, -1, -1), subject_key, subject_value)
-        return torch.einsum("bnhld,bnl->bhld", per_entry, sigma.to(query.dtype))
-    return attend_by_route(
-        query, sigma.argmax(dim=1), lambda b, i, q: SDPA(q, subject_key[b, i], subject_value[b, i])
-    )
+            weight[:, :-1] *= valid[..., None].to(query.dtype)
+    else:
+        weight = sigma.to(query.dtype)
+    heads = query.shape[1]
+    # entries folded into the head axis: one 4-D attention call, eligible for fused kernels
+    per_entry = SDPA(query.repeat(1, entries, 1, 1), subject_key.flatten(1, 2), subject_value.flatten(1, 2))
+    per_entry = per_entry.unflatten(1, (entries, heads))
+    return torch.einsum("bnhld,bnl->bhld", per_entry, weight.expand(-1, -1, query.shape[2]))
 
 
 class _RoutedProcessor(nn.Module):
