@@ -135,10 +135,11 @@ def test_nan_is_reported_not_drawn(pipe, subjects):
         generate(pipe, subjects=subjects[:1])
 
 
-def test_bfloat16_matches_float32(components, subjects):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_float32(components, subjects, dtype):
     pipe = AnyStorySDXLPipeline(**components, adapter=make_adapter(components["unet"]))
     reference = generate(pipe, subjects=subjects[:2]).images
-    pipe.to(torch.bfloat16)
+    pipe.to(dtype)
     low = generate(pipe, subjects=subjects[:2]).images
     assert np.isfinite(low).all() and np.abs(low - reference).mean() < 0.05
 
