@@ -83,11 +83,12 @@ def reference_attention(
     bias = _reference_bias(key[:1], ref_key[:1, :1], shift, None)
 
     def attend(b: int, i: int, q: torch.Tensor) -> torch.Tensor:
+        # 4-D inputs (a batch of one): 3-D ones send CPU SDPA to its slow math kernel
         if i == num_subjects:
-            return SDPA(q, key[b], value[b])
-        keys = torch.cat([key[b], ref_key[b, i]], dim=1)
-        values = torch.cat([value[b], ref_value[b, i]], dim=1)
-        return SDPA(q, keys, values, attn_mask=None if bias is None else bias[0])
+            return SDPA(q[None], key[b, None], value[b, None])[0]
+        keys = torch.cat([key[b], ref_key[b, i]], dim=1)[None]
+        values = torch.cat([value[b], ref_value[b, i]], dim=1)[None]
+        return SDPA(q[None], keys, values, attn_mask=bias)[0]
 
     return attend_by_route(query, route, attend)
 
