@@ -49,12 +49,15 @@ def sdxl_topology_components(width_div: int, seed: int = 0) -> dict:
     return components
 
 
-def adapter_for(unet, reference_size: int):
+def adapter_for(unet, reference_size: int, width_div: int):
+    """The SDXL adapter's per-layer proportions at the benchmark's width (the router's
+    width scales with the U-Net's: 256 at full SDXL width); the encoders' size does
+    not matter here, they run once per call."""
     from anystory import AnyStoryAdapter
 
     return AnyStoryAdapter.from_unet(
         unet, image_embed_dim=24, num_subject_tokens=64, qformer_dim=64, qformer_heads=4,
-        routing_dim=64, router_dim=64, router_heads=4, reference_size=reference_size, router_trained=True,
+        routing_dim=64, router_dim=256 // width_div, router_heads=4, reference_size=reference_size, router_trained=True,
     )
 
 
@@ -137,7 +140,7 @@ def time_generation(args, count: int | None) -> dict:
         load_random_ip_adapter(pipe)
         extra = {"ip_adapter_image": subjects(1)[0].image}
     else:
-        pipe = AnyStorySDXLPipeline(**components, adapter=adapter_for(components["unet"], args.size // 2))
+        pipe = AnyStorySDXLPipeline(**components, adapter=adapter_for(components["unet"], args.size // 2, args.width_div))
         extra = {"subjects": subjects(count)} if count else {}
     pipe.set_progress_bar_config(disable=True)
     call = dict(prompt="a red dog", num_inference_steps=args.steps, guidance_scale=7.5,
