@@ -191,3 +191,18 @@ def test_model_cpu_offload_runs_the_same_generation(pipe, subjects):
     hook.pre_forward = lambda module, *a, **k: (entered.append(module), original(module, *a, **k))[1]
     assert np.abs(generate(pipe, subjects=subjects[:2]).images - expected).max() <= 1e-5
     assert entered and entered[0] is pipe.adapter
+
+
+def test_image_processor_follows_the_encoder_and_refuses_a_mismatch(components, tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from anystory.pipelines.components import load_sdxl_components
+
+    sdxl_parts = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
+    StableDiffusionXLPipeline(**sdxl_parts).save_pretrained(tmp_path / "sdxl")
+    components["image_encoder"].save_pretrained(tmp_path / "clip")  # no preprocessor_config.json
+    loaded = load_sdxl_components(tmp_path / "sdxl", tmp_path / "clip")
+    assert loaded["feature_extractor"].crop_size["height"] == components["image_encoder"].config.image_size
+    CLIPImageProcessor().save_pretrained(tmp_path / "clip")  # CLIP's 224 px defaults
+    with pytest.raises(ValueError, match="crops to 224 px but the encoder"):
+        load_sdxl_components(tmp_path / "sdxl", tmp_path / "clip")

@@ -31,10 +31,28 @@ def load_sdxl_components(
     if not (encoder_path / "config.json").exists():
         raise FileNotFoundError(f"no CLIP vision encoder (config.json) in {encoder_path}")
     components = {k: v for k, v in sdxl.components.items() if k not in ("image_encoder", "feature_extractor")}
-    components["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(encoder_path, torch_dtype=torch_dtype)
-    has_processor = (encoder_path / "preprocessor_config.json").exists()
-    components["feature_extractor"] = CLIPImageProcessor.from_pretrained(encoder_path) if has_processor else CLIPImageProcessor()
+    encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_path, torch_dtype=torch_dtype)
+    components["image_encoder"] = encoder
+    components["feature_extractor"] = _image_processor(encoder_path, sdxl.components.get("feature_extractor"), encoder)
     return components
+
+
+def _image_processor(encoder_path: Path, bundled, encoder) -> CLIPImageProcessor:
+    """The encoder's own processor, else the SDXL folder's, else CLIP's defaults at the
+    encoder's input size; one whose crop size disagrees with the encoder is refused."""
+    if (encoder_path / "preprocessor_config.json").exists():
+        processor = CLIPImageProcessor.from_pretrained(encoder_path)
+    elif bundled is not None:
+        processor = bundled
+    else:
+        side = encoder.config.image_size
+        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    if processor.crop_size["height"] != encoder.config.image_size:
+        raise ValueError(
+            f"the CLIP image processor crops to {processor.crop_size['height']} px but the encoder in "
+            f"{encoder_path} takes {encoder.config.image_size} px"
+        )
+    return processor
 
 
 def clip_hidden_states(image_encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor) -> torch.Tensor:
