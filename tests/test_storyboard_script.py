@@ -191,7 +191,7 @@ def test_unparsable_and_unreadable_scripts(tmp_path):
 def test_contact_sheet_places_every_image_with_its_caption():
     colours = ["red", "lime", "blue", "yellow", "magenta"]
     images = [Image.new("RGB", (40, 30), c) for c in colours]
-    sheet = contact_sheet(images, [f"frame {i}" for i in range(5)], columns=3, padding=8)
+    sheet = contact_sheet(images, [f"frame {i}" for i in range(5)], columns=3, padding=8, min_tile=0)
 
     assert sheet.width == 3 * (40 + 8) + 8
     cell_h = (sheet.height - 8) // 2
@@ -201,6 +201,14 @@ def test_contact_sheet_places_every_image_with_its_caption():
         caption = sheet.crop((x0, y0 + 30, x0 + 40, y0 + cell_h - 8)).convert("L")
         assert caption.getextrema()[0] < 128  # some dark text under each tile
     assert sheet.getpixel((8 + 2 * 48 + 20, 8 + cell_h + 15)) == (255, 255, 255)  # empty sixth cell
+
+
+def test_contact_sheet_enlarges_small_renders_with_sharp_pixels():
+    image = Image.new("RGB", (64, 64), "gray")
+    image.putpixel((0, 0), (255, 0, 0))
+    sheet = contact_sheet([image], ["tiny"], padding=8, min_tile=256)
+    assert sheet.width == 256 + 2 * 8
+    assert sheet.getpixel((8 + 3, 8 + 3)) == (255, 0, 0) and sheet.getpixel((8 + 4, 8 + 4)) == (128, 128, 128)
 
 
 def test_contact_sheet_wraps_long_captions_and_checks_lengths():

@@ -388,17 +388,22 @@ def contact_sheet(
     font_size: int | None = None,
     padding: int = 8,
     max_caption_lines: int = 4,
+    min_tile: int = 256,
 ) -> Image.Image:
     """Lay images out on a grid, each with its caption underneath, to see a story at once.
 
-    Tiles take the size of the largest image (smaller ones are centred); captions are
-    wrapped to the tile width and cut after `max_caption_lines` lines. The font size
-    defaults to a fortieth of the tile width (at least 12 px).
+    Tiles take the size of the largest image (smaller ones are centred); images smaller
+    than `min_tile` are enlarged by a whole factor (nearest neighbour, so pixels stay
+    sharp) so that small renders stay readable. Captions are wrapped to the tile width
+    and cut after `max_caption_lines` lines. The font size defaults to a fortieth of the
+    tile width (at least 12 px).
     """
     if not images:
         raise ValueError("contact_sheet needs at least one image")
     if len(captions) != len(images):
         raise ValueError(f"contact_sheet got {len(images)} images but {len(captions)} captions")
+    factor = max(1, min_tile // max(max(image.size) for image in images))
+    images = [image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) for image in images]
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     tile_w = max(image.width for image in images)
