@@ -151,6 +151,25 @@ class _RoutedProcessor(nn.Module):
     def original(self):
         return self._original[0]
 
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        anystory: AnyStoryState | None = None,
+    ) -> torch.Tensor:
+        """diffusers' processor call; `anystory` arrives through `cross_attention_kwargs`
+        (defined on `__call__` itself so that diffusers' signature check lets it through)."""
+        if anystory is None or not anystory.active or not self._applies():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self._check_supported(attn, hidden_states)
+        return self._routed(attn, hidden_states, encoder_hidden_states, attention_mask, anystory)
+
+    def _applies(self) -> bool:
+        return True
+
     @staticmethod
     def _project(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor):
         heads = attn.heads
@@ -182,18 +201,7 @@ class _RoutedProcessor(nn.Module):
 class RoutedCrossAttnProcessor(_RoutedProcessor):
     """attn2 of layer l: routing plus route-guided CLIP injection (Eq. 5)."""
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        anystory: AnyStoryState | None = None,
-    ) -> torch.Tensor:
-        if anystory is None or not anystory.active:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        self._check_supported(attn, hidden_states)
+    def _routed(self, attn, hidden_states, encoder_hidden_states, attention_mask, anystory: AnyStoryState):
         state, batch = anystory, hidden_states.shape[0]
         context = encoder_hidden_states
         if attn.norm_cross:
@@ -245,18 +253,10 @@ class RoutedCrossAttnProcessor(_RoutedProcessor):
 class RoutedReferenceAttnProcessor(_RoutedProcessor):
     """attn1 of layer l >= 2: route-guided reference attention (Eqs. 6-8)."""
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        anystory: AnyStoryState | None = None,
-    ) -> torch.Tensor:
-        if anystory is None or not anystory.active or self.parts.reference_k is None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        self._check_supported(attn, hidden_states)
+    def _applies(self) -> bool:
+        return self.parts.reference_k is not None  # layer 1 has no preceding route
+
+    def _routed(self, attn, hidden_states, encoder_hidden_states, attention_mask, anystory: AnyStoryState):
         if attention_mask is not None:
             raise NotImplementedError("reference attention does not take a self-attention mask")
         state = anystory
