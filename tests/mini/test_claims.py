@@ -10,6 +10,7 @@ import torch
 from anystory.cli import main
 from anystory.mini import WEIGHTS_DIR
 from anystory.mini.claims import (
+    ceiling_ious,
     detail_fidelity,
     hard_map_ious,
     identity_correct,
@@ -121,6 +122,9 @@ def test_iou_of_ground_truth_maps_is_one_and_of_shifted_maps_is_known():
     maps = _masks_as_maps(render.masks[None])[None]  # (1 step, 1 image, N+1, H, W)
     routing = RoutingMaps([maps], [maps])
     assert hard_map_ious(routing, render.masks, "refined") == [1.0] * len(render.masks)
+    assert ceiling_ious(routing, render.masks) == [1.0] * len(render.masks)
+    coarse = RoutingMaps([torch.zeros(1, 1, maps.shape[2], 4, 4)], [])  # one 4 x 4 layer: only its size counts
+    assert all(0.0 < iou < 0.9 for iou in ceiling_ious(coarse, render.masks))
     square = np.zeros((64, 64), dtype=bool)
     square[0:10, 0:10] = True
     assert mask_iou(square, np.roll(square, 5, axis=1)) == pytest.approx(50 / 150)
@@ -158,12 +162,20 @@ def test_cli_refuses_unknown_claims(capsys):
 @pytest.mark.skipif(not SHIPPED, reason=f"the mini world's trained weights are not in {WEIGHTS_DIR} yet "
                     "(base/, adapter/, adapter_clip_only/: `python -m anystory.mini.recipe --phase all`)")
 def test_shipped_weights_clear_the_regression_thresholds(tmp_path):
+    """16 fixed generations (scenes for routing) per cell. Thresholds sit a clear margin
+    below what the first shipped weights (commit 9fcc478) measured on this sample, shown
+    in each comment; they guard the plumbing, not the paper's targets (see claims.md)."""
     torch.set_num_threads(1)
-    results = run_claims(count=16, out=tmp_path, log=lambda line: None)
-    fidelity, blending = results["fidelity"]["result"], results["blending"]["result"]
-    routing, text = results["routing"]["result"], results["text"]["result"]
-    assert fidelity["accuracy"]["adapter"] >= 0.0
-    assert blending["both_correct"]["router"] >= 0.0
-    assert routing["refined"] >= 0.0
-    assert text["background"]["personalized"] >= 0.0
-    assert (tmp_path / "claims.md").exists()
+    results = {claim: entry["result"] for claim, entry in run_claims(count=16, out=tmp_path, log=lambda _: None).items()}
+    fidelity, blending, routing, text = (results[c] for c in ("fidelity", "blending", "routing", "text"))
+    assert fidelity["found"]["adapter"] >= 0.9  # 1.0
+    assert fidelity["accuracy"]["adapter"] >= 0.06  # 0.19; chance is 0.2
+    assert blending["two_regions"]["router"] >= 0.7  # 1.0
+    assert blending["both_correct"]["router"] >= 0.06  # 0.19
+    assert blending["blending"]["router"] <= 0.4  # 0.25
+    assert routing["refined"] >= 0.12 and routing["refined"] > routing["coarse"] + 0.05  # 0.19 vs 0.04
+    assert 0.65 <= routing["ceiling"] <= 0.8  # 0.73
+    assert routing["refined_per_step"][-1] > routing["refined_per_step"][0]  # 0.34 vs 0.00: found as noise clears
+    assert min(text["background"].values()) >= 0.85  # 1.0 and 1.0
+    assert text["position"]["personalized"] >= 0.6 and text["position"]["base"] >= 0.6  # 0.81 and 0.88
+    assert all((tmp_path / name).exists() for name in ("claims.json", "claims.md", "fidelity.png", "routing.png"))
