@@ -459,9 +459,9 @@ Binds to 127.0.0.1 unless --host says otherwise; uploads are limited by --max-fi
 }
 
 
-def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
+def _command(commands, name: str, help: str, examples: str | None = None) -> argparse.ArgumentParser:
     return commands.add_parser(
-        name, help=help, description=help, epilog=EXAMPLES.get(name),
+        name, help=help, description=help, epilog=EXAMPLES.get(examples or name),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -580,8 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mini = _command(commands, "mini", "the mini world: the paper's claims measured on the bundled weights")
     mini_commands = mini.add_subparsers(dest="mini_command", required=True, metavar="COMMAND")
-    claims = _command(mini_commands, "evaluate", "the paper's Figs. 3-6 as numbers on held-out identities")
-    claims.epilog = EXAMPLES["mini evaluate"]
+    claims = _command(mini_commands, "evaluate", "the paper's Figs. 3-6 as numbers on held-out identities", "mini evaluate")
     claims.add_argument("--count", type=int, default=200, help="generations (scenes for routing) per cell (default 200)")
     claims.add_argument("--out", default="outputs/mini_claims", help="output folder (default: outputs/mini_claims)")
     claims.add_argument("--claims", default="fidelity,blending,routing,text",
