@@ -272,11 +272,18 @@ def _forest(rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _snow(rng: np.random.Generator) -> np.ndarray:
-    img = _fill((228, 232, 238)) + 10 * (_smooth_noise(rng, 8)[..., None] - 0.5)
-    ys, xs = rng.integers(0, IMAGE_SIZE, (2, 60))
-    img[ys, xs] = (185, 195, 210)
+def _speckled(
+    rng: np.random.Generator, colour: tuple, noise: float, cells: int, specks: int, speck_colour: tuple
+) -> np.ndarray:
+    """A blotchy plain colour sprinkled with single-pixel specks (snowflakes, stars)."""
+    img = _fill(colour) + noise * (_smooth_noise(rng, cells)[..., None] - 0.5)
+    ys, xs = rng.integers(0, IMAGE_SIZE, (2, specks))
+    img[ys, xs] = speck_colour
     return img
+
+
+def _snow(rng: np.random.Generator) -> np.ndarray:
+    return _speckled(rng, (228, 232, 238), 10, 8, 60, (185, 195, 210))
 
 
 def _city(rng: np.random.Generator) -> np.ndarray:
@@ -292,10 +299,7 @@ def _city(rng: np.random.Generator) -> np.ndarray:
 
 
 def _night(rng: np.random.Generator) -> np.ndarray:
-    img = _fill((22, 26, 58)) + 12 * (_smooth_noise(rng, 6)[..., None] - 0.5)
-    ys, xs = rng.integers(0, IMAGE_SIZE, (2, 25))
-    img[ys, xs] = (230, 230, 210)
-    return img
+    return _speckled(rng, (22, 26, 58), 12, 6, 25, (230, 230, 210))
 
 
 def _desert(rng: np.random.Generator) -> np.ndarray:
