@@ -169,3 +169,29 @@ def test_clip_only_ablation_has_no_reference_net_and_no_reference_attention(comp
     out = pipe("a dog", subjects=encodings, num_inference_steps=2, height=64, width=64, output_type="np")
     assert np.isfinite(out.images).all()
     assert len(differences) == 2 * len(adapter.layers) and max(differences) == 0.0
+
+
+def test_routing_from_reference_tells_apart_subjects_that_clip_sees_alike(components):
+    """Paper default: the routing feature is a function of CLIP alone, so two references
+    with the same CLIP tokens get the same feature. The deviation also reads the finest
+    ReferenceNet states: different references then give different features, the null row
+    still gets its own, and the new projection is trained with the router."""
+    torch.manual_seed(0)
+    clip = components["image_encoder"](torch.randn(2, 3, 32, 32), output_hidden_states=True).hidden_states[-2]
+    clip = torch.cat([clip[:1], clip[:1], clip[1:]])  # two subjects CLIP sees alike, then the null image
+    latents = components["vae"].encode(torch.randn(2, 3, 32, 32)).latent_dist.mode()
+    masks = torch.ones(2, 1, *latents.shape[-2:])
+    paper = make_adapter(components["unet"])
+    features = paper.encode(clip, latents, masks, (32, 32)).routing_features
+    torch.testing.assert_close(features[0], features[1])
+
+    adapter = AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, routing_from_reference=True)
+    encodings = adapter.encode(clip, latents, masks, (32, 32))
+    assert (encodings.routing_features[0] - encodings.routing_features[1]).abs().max() > 1e-3
+    alike = adapter.encode(clip, latents[:1].expand(2, -1, -1, -1), masks, (32, 32)).routing_features
+    torch.testing.assert_close(alike[0], alike[1])
+    trained = adapter.router_parameters()
+    assert any(p is adapter.reference_routing.weight for p in trained)
+    assert not any(p is adapter.reference_routing.weight for p in adapter.subject_encoder_parameters())
+    with pytest.raises(ValueError, match="routing_from_reference needs the ReferenceNet"):
+        AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, use_reference_net=False, routing_from_reference=True)

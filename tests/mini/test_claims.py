@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anystory.cli import main
 from anystory.mini import WEIGHTS_DIR
 from anystory.mini.claims import (
     ceiling_ious,
+    layer_grid_iou,
     detail_fidelity,
     hard_map_ious,
     identity_correct,
@@ -118,13 +120,22 @@ def test_blending_definition_on_hand_made_readings():
 
 
 def test_iou_of_ground_truth_maps_is_one_and_of_shifted_maps_is_known():
-    render = MiniWorld().render(routing_scenes(1)[0].scenes[0])
+    scenes = [group.scenes[0] for group in routing_scenes(6)]
+    render = MiniWorld().render(next(scene for scene in scenes if len(scene.placements) == 2))
     maps = _masks_as_maps(render.masks[None])[None]  # (1 step, 1 image, N+1, H, W)
     routing = RoutingMaps([maps], [maps])
     assert hard_map_ious(routing, render.masks, "refined") == [1.0] * len(render.masks)
     assert ceiling_ious(routing, render.masks) == [1.0] * len(render.masks)
     coarse = RoutingMaps([torch.zeros(1, 1, maps.shape[2], 4, 4)], [])  # one 4 x 4 layer: only its size counts
     assert all(0.0 < iou < 0.9 for iou in ceiling_ious(coarse, render.masks))
+    # at each layer's own grid, perfect routing scores exactly 1, however coarse the layer
+    one_hot = _masks_as_maps(render.masks[None]).float()
+    perfect = [F.interpolate(one_hot, size=(g, g), mode="area")[None] for g in (16, 8, 4)]
+    assert layer_grid_iou(RoutingMaps(perfect, perfect), render.masks, "refined") == 1.0
+    # the two subjects swapped at the finest of three layers: it scores 0, the mean 2/3
+    swapped = [perfect[0][:, :, [1, 0, *range(2, one_hot.shape[1])]], *perfect[1:]]
+    assert layer_grid_iou(RoutingMaps(swapped, perfect), render.masks, "refined") == pytest.approx(2 / 3)
+    assert layer_grid_iou(RoutingMaps(swapped, perfect), render.masks, "coarse") == 1.0
     square = np.zeros((64, 64), dtype=bool)
     square[0:10, 0:10] = True
     assert mask_iou(square, np.roll(square, 5, axis=1)) == pytest.approx(50 / 150)

@@ -120,3 +120,16 @@ def test_stage2_routing_loss_falls_and_routing_iou_rises(tmp_path):
     assert after["routing_loss"] < 0.75 * before["routing_loss"], (before, after)
     assert after["routing_iou"] > before["routing_iou"] + 0.04, (before, after)
     assert after["diffusion_loss"] < before["diffusion_loss"], (before, after)
+
+
+def test_subject_loss_weight_adds_exactly_the_weighted_subject_error(tmp_path):
+    """loss(w) = mean(err) + w * mean(mask * err) on the same batch, noise and timesteps:
+    the extra term is linear in w and vanishes at w = 0 (the paper's plain loss)."""
+    losses = {}
+    for weight in (0.0, 1.0, 4.0):
+        config = tiny_config(1, tmp_path / str(weight), f"train.subject_loss_weight={weight}", "train.sample_latents=false")
+        trainer = Trainer(config, 1, source=records(1, 8), components=calibrated_tiny_components())
+        losses[weight] = held_out_losses(trainer, 1)["diffusion_loss"]
+    subject_term = losses[1.0] - losses[0.0]
+    assert 0 < subject_term < 0.8 * losses[0.0]  # the subjects' share, not the whole image
+    assert losses[4.0] - losses[0.0] == pytest.approx(4 * subject_term, rel=1e-4)

@@ -21,11 +21,16 @@ are read by the ground-truth-only evaluator (`anystory.mini.evaluator`).
 - routing (Figs. 5-6): a ground-truth scene of 2-3 held-out subjects (half with twins),
   references of the same identities in other contexts. At each of the 25 sampling
   timesteps the scene is noised to that step and passed once through the U-Net with
-  the router (`anystory.segment.segment`, with the scene's caption); IoU of each
-  subject's hard map (layer-averaged argmax at image size) with its ground-truth mask,
-  averaged over subjects and scenes, per step and over all steps, refined vs coarse.
-  Reported beside them: the ceiling, what perfect routing scores under the same layer
-  averaging (the U-Net's 8 x 8 and 4 x 4 layers blur subjects of 17-36 px).
+  the router (`anystory.segment.segment`, with the scene's caption). The measure: each
+  routed layer's hard map against the ground-truth masks at that layer's own grid (the
+  resolution the router decides at; the training-time `routing_iou`), averaged over
+  layers, subjects and scenes, per step and over all steps, refined vs coarse. Perfect
+  routing scores 1 on it. Reported beside it: the segmentation the maps give at image
+  size (layer-averaged argmax, what `anystory segment` returns) and that measure's own
+  ceiling for perfect routing (0.73: the 8 x 8 and 4 x 4 layers blur subjects of 17-36 px
+  in the average). Session 1 reported only the image-size measure; it was replaced as the
+  headline before any retraining, because a target of 0.75 cannot be tested by a measure
+  whose perfect score is 0.73.
 - text (alignment): the evaluator's background and subject positions (the thirds of the
   regions, left to right, must be exactly the captioned ones) in personalized images of
   single- and two-subject captions, vs the base model without subjects on the same
@@ -44,9 +49,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from ..models import RecordedMaps
 from ..pipelines import RoutingMaps
 from ..segment import segment
 from ..subject import Subject
+from ..training import routing_iou
 from ..visualize import routing_overlay
 from . import WEIGHTS_DIR, load_pipeline
 from .evaluator import DISTRACTORS, MiniEvaluator, RegionReading
@@ -310,6 +317,15 @@ def hard_map_ious(maps: RoutingMaps, masks: np.ndarray, kind: str) -> list[float
     return [mask_iou(hard[i], mask) for i, mask in enumerate(masks)]
 
 
+def layer_grid_iou(maps: RoutingMaps, masks: np.ndarray, kind: str) -> float:
+    """Mean IoU over routed layers of each subject's hard map with its ground-truth mask
+    taken to the layer's own grid; `maps` is a `RoutingMaps` of one step and one image."""
+    recorded = {layer: RecordedMaps(coarse=coarse[-1], refined=refined[-1])
+                for layer, (coarse, refined) in enumerate(zip(maps.coarse, maps.refined))}
+    valid = torch.ones(1, len(masks), dtype=torch.bool)
+    return routing_iou(recorded, torch.from_numpy(masks)[None], valid, kind)
+
+
 def ceiling_ious(maps: RoutingMaps, masks: np.ndarray) -> list[float]:
     """What `hard_map_ious` gives for perfect routing: every layer holding the ground-truth
     masks at its own resolution. Coarse layers (4 x 4 here) blur small subjects in the
@@ -323,9 +339,10 @@ def ceiling_ious(maps: RoutingMaps, masks: np.ndarray) -> list[float]:
 @dataclass
 class Routing:
     count: int
-    refined: float  # mean IoU over scenes, subjects and steps
+    refined: float  # mean layer-grid IoU (`layer_grid_iou`) over scenes and steps
     coarse: float
-    ceiling: float  # the same mean IoU for perfect per-layer routing (`ceiling_ious`)
+    image_refined: float  # mean IoU at image size (`hard_map_ious`), the segmentation
+    image_ceiling: float  # what perfect per-layer routing scores at image size (`ceiling_ious`)
     refined_per_step: list[float] = field(default_factory=list)  # step 0 = most noise
     coarse_per_step: list[float] = field(default_factory=list)
 
@@ -335,7 +352,7 @@ def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int 
     """Figs. 5-6: does the router find each subject at every denoising step, and does
     the refinement beat the coarse map?"""
     world, ious = MiniWorld(), {kind: [[] for _ in range(steps)] for kind in ("refined", "coarse")}
-    ceiling, rows = [], []
+    image_ious, ceiling, rows = [], [], []
     for group in routing_scenes(count, seed):
         truth = world.render(group.scenes[0])
         encodings = pipe.encode_subjects(group.subjects)
@@ -345,7 +362,8 @@ def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int 
             result = segment(pipe, truth.image, encodings, prompt=truth.caption, strength=1 - step / steps,
                              num_inference_steps=steps, generator=generator)
             for kind, per_step in ious.items():
-                per_step[step].extend(hard_map_ious(result.routing_maps, truth.masks, kind))
+                per_step[step].append(layer_grid_iou(result.routing_maps, truth.masks, kind))
+            image_ious.extend(hard_map_ious(result.routing_maps, truth.masks, "refined"))
             if step == 0:
                 ceiling += ceiling_ious(result.routing_maps, truth.masks)
             if step in (0, steps // 2, steps - 1):
@@ -356,7 +374,8 @@ def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int 
     if sheet:
         contact_sheet(rows, ["scene", "ref 1", "ref 2", "ref 3", "refined t0", f"refined t{steps // 2}", f"refined t{steps - 1}"], sheet)
     means = {kind: [_mean(v) for v in per_step] for kind, per_step in ious.items()}
-    return Routing(count, _mean(means["refined"]), _mean(means["coarse"]), _mean(ceiling), means["refined"], means["coarse"])
+    return Routing(count, _mean(means["refined"]), _mean(means["coarse"]), _mean(image_ious), _mean(ceiling),
+                   means["refined"], means["coarse"])
 
 
 # --------------------------------------------------------------------------- claim 4: text alignment
@@ -429,7 +448,8 @@ def table_rows(claim: str, result) -> list[Row]:
         return [Row(claim, "refined", "mean IoU", result.refined, ">= 0.75 and > coarse",
                     result.refined >= 0.75 and result.refined > result.coarse),
                 Row(claim, "coarse", "mean IoU", result.coarse),
-                Row(claim, "perfect routing (ceiling)", "mean IoU", result.ceiling)]
+                Row(claim, "refined, layer-averaged at image size", "mean IoU", result.image_refined),
+                Row(claim, "perfect routing, layer-averaged at image size", "mean IoU", result.image_ceiling)]
     rows = []
     for metric in ("background", "position"):
         ours, base = getattr(result, metric)["personalized"], getattr(result, metric)["base"]

@@ -371,7 +371,8 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     write_model_card(out, weights)
 
 
-def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None) -> None:
+def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
+              init_adapter: Path | None = None) -> None:
     if phase == "assemble":
         assemble(out)
         return
@@ -381,7 +382,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
     if phase in STAGES:
         from .stages import train_stage
 
-        train_stage(phase, out, steps=steps)
+        train_stage(phase, out, steps=steps, init_adapter=init_adapter)
         return
     budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
     if phase == "vae":
@@ -407,10 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="also stop after this much training time")
     parser.add_argument("--out", type=Path, default=Path("runs/mini"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--init-adapter", type=Path, default=None,
+                        help="stage 1 phases: continue from this adapter folder (e.g. the shipped one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.steps, args.minutes)
+        run_phase(args.phase, args.out, args.steps, args.minutes, args.init_adapter)
         return
     for phase in PHASES:
         if phase in ("assemble", "ship") or not _finished(args.out / phase):

@@ -80,8 +80,11 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         max_subjects: int = 8,
         router_trained: bool = False,
         use_reference_net: bool = True,
+        routing_from_reference: bool = False,
     ):
         super().__init__()
+        if routing_from_reference and not use_reference_net:
+            raise ValueError("routing_from_reference needs the ReferenceNet (use_reference_net=True)")
         cross_dim = unet_config["cross_attention_dim"]
         self.subject_qformer = QFormer(
             image_embed_dim, cross_dim, num_subject_tokens, qformer_dim, qformer_depth, qformer_heads
@@ -89,13 +92,19 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         self.routing_qformer = QFormer(image_embed_dim, routing_dim, 1, qformer_dim, qformer_depth, qformer_heads)
         # Without it (the paper's CLIP-only ablation) no reference attention is added.
         self.reference_net = ReferenceNet(unet_config) if use_reference_net else None
+        shapes = _self_attention_shapes(unet_config)
         self.layers = nn.ModuleList(
             AnyStoryLayer(
                 dim, heads, cross_dim, routing_dim, router_dim, router_heads,
                 reference=use_reference_net and layer > 0,
             )
-            for layer, (dim, heads) in enumerate(_self_attention_shapes(unet_config))
+            for layer, (dim, heads) in enumerate(shapes)
         )
+        # Deviation, off by default: the paper's routing QFormer reads CLIP tokens only. Two
+        # subjects that differ only below CLIP's resolution (twins) then get the same routing
+        # feature and the router cannot tell them apart; this lets the routing QFormer also
+        # read the ReferenceNet's finest-layer states (trained with the router, stage 2).
+        self.reference_routing = nn.Linear(shapes[-1][0], image_embed_dim) if routing_from_reference else None
 
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, **config) -> "AnyStoryAdapter":
@@ -123,7 +132,11 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
 
     def router_parameters(self) -> list[nn.Parameter]:
         """Stage 2: routing QFormer and every router layer."""
-        return [*self.routing_qformer.parameters(), *(p for layer in self.layers for p in layer.router.parameters())]
+        extra = [] if self.reference_routing is None else list(self.reference_routing.parameters())
+        return [
+            *self.routing_qformer.parameters(), *extra,
+            *(p for layer in self.layers for p in layer.router.parameters()),
+        ]
 
     # -- attaching to a U-Net ----------------------------------------------------------------
 
@@ -176,8 +189,8 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         the last row from the all-zero image; reference_latents: (N, C, h, w) and
         reference_masks: (N, 1, h, w), unused (may be None) without a ReferenceNet."""
         tokens = self.subject_qformer(clip_states)
-        routing = self.routing_qformer(clip_states)[:, 0]
         states = {} if self.reference_net is None else self.reference_net(reference_latents, reference_masks, pixel_size)
+        routing = self.routing_qformer(self._routing_tokens(clip_states, states))[:, 0]
         return SubjectEncodings(
             subject_tokens=tokens[:-1],
             null_tokens=tokens[-1:],
@@ -186,6 +199,15 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
             reference_states=states,
             names=list(names or []),
         )
+
+    def _routing_tokens(self, clip_states: torch.Tensor, reference_states: dict[int, torch.Tensor]) -> torch.Tensor:
+        """What the routing QFormer reads: CLIP tokens, plus (routing_from_reference) the
+        projected finest ReferenceNet states; the null image's row gets zeros there."""
+        if self.reference_routing is None:
+            return clip_states
+        detail = self.reference_routing(reference_states[max(reference_states)])
+        detail = torch.cat([detail, detail.new_zeros(1, *detail.shape[1:])])
+        return torch.cat([clip_states, detail.to(clip_states.dtype)], dim=1)
 
     # -- loading with clear errors --------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class Trainer:
             coarse_routing_loss_weight=config.train.coarse_routing_loss_weight,
             gumbel_tau=config.train.gumbel_tau,
             timestep_range=config.train.timestep_range,
+            subject_loss_weight=config.train.subject_loss_weight,
             sample_latents=config.train.sample_latents,
         )
         self.optimizer = self._make_optimizer()
