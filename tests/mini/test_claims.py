@@ -184,9 +184,9 @@ def test_shipped_weights_clear_the_regression_thresholds(tmp_path):
     assert blending["two_regions"]["router"] >= 0.7  # 1.0
     assert blending["both_correct"]["router"] >= 0.06  # 0.19
     assert blending["blending"]["router"] <= 0.4  # 0.25
-    assert routing["refined"] >= 0.12 and routing["refined"] > routing["coarse"] + 0.05  # 0.19 vs 0.04
-    assert 0.65 <= routing["ceiling"] <= 0.8  # 0.73
-    assert routing["refined_per_step"][-1] > routing["refined_per_step"][0]  # 0.34 vs 0.00: found as noise clears
+    assert routing["refined"] >= 0.18 and routing["refined"] > routing["coarse"] + 0.1  # 0.29 vs 0.06 (layer grids)
+    assert routing["image_refined"] >= 0.12 and 0.65 <= routing["image_ceiling"] <= 0.8  # 0.19, 0.74
+    assert routing["refined_per_step"][-1] > routing["refined_per_step"][0] + 0.2  # 0.42 vs 0.02: found as noise clears
     assert min(text["background"].values()) >= 0.85  # 1.0 and 1.0
     assert text["position"]["personalized"] >= 0.6 and text["position"]["base"] >= 0.6  # 0.81 and 0.88
     assert all((tmp_path / name).exists() for name in ("claims.json", "claims.md", "fidelity.png", "routing.png"))
