@@ -1,20 +1,25 @@
 """Train the mini world's base models from nothing, phase by phase, resumably.
 
-    python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|all \
-        [--steps N] [--minutes M] [--out runs/mini] [--threads 1]
+    python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|stage1|...|all \
+        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init-adapter DIR]
 
-Phases, with default step budgets (`DEFAULT_STEPS`; minutes on an idle machine, one
-CPU thread):
-- vae (2000 steps, ~13 min): AutoencoderKL, L1 reconstruction weighted 5x on subject
-  pixels (where the pattern is) + tiny KL;
-- base (3000, ~38 min): both text encoders jointly with the U-Net, text-to-image,
-  epsilon loss under SDXL's DDPM schedule, captions dropped to zeros 10 % of the time
-  (what the pipeline's `force_zeros_for_empty_prompt` feeds the unconditional branch);
+Phases, with default step budgets (`DEFAULT_STEPS`; s/step measured here with one CPU
+thread, and with two where it was run so):
+- vae (2000 steps, 0.39 s/step, ~13 min): AutoencoderKL, L1 reconstruction weighted 5x
+  on subject pixels (where the pattern is) + tiny KL;
+- base (14000, 1.1 s/step or 0.64 with 2 threads, ~150 min with 2): both text encoders
+  jointly with the U-Net, text-to-image, epsilon loss under SDXL's DDPM schedule,
+  captions dropped to zeros 10 % of the time (what the pipeline's
+  `force_zeros_for_empty_prompt` feeds the unconditional branch). The first 3000 steps
+  drew blobs: the captioned shape came out right 25-30 % of the time (chance 20 %),
+  0.77 at 8000 steps and 0.86 at 10700 (64 held-out prompts, evaluator-read);
 - vision (1500, ~5 min): CLIP vision encoder, contrastive against "a <colour> <shape>"
   with a throwaway text tower, on segmented subject crops made by `anystory.Subject`;
-- assemble: the `StableDiffusionXLPipeline` folder (fp16) in `weights/base`, with
+- assemble: the `StableDiffusionXLPipeline` folder (fp16) in `<weights>/base`, with
   `image_encoder` and `feature_extractor`, plus a sample grid for a look;
-- evaluator (1000, ~6 min): the ground-truth-only evaluator, in `weights/evaluator`.
+- evaluator (1000, ~6 min): the ground-truth-only evaluator, in `<weights>/evaluator`;
+- stage1, stage1_clip_only, stage2, ship: AnyStory itself (`anystory.mini.stages`), then
+  the adapters into `<weights>` in fp16.
 `all` runs them in that order, skipping finished ones. A phase killed at any point
 resumes from its last checkpoint when rerun with the same command.
 """
@@ -52,10 +57,10 @@ from .training import ResumableRun, batch_at
 from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, WorldDataset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-# Step budgets, sized from uncontended one-thread speeds (s/step): vae 0.39 at batch 16,
-# base 0.75 at batch 64, vision 0.2 at batch 128, evaluator 0.35 at batch 32; about
-# 13 + 38 + 5 + 6 = 62 minutes when the machine is otherwise idle.
-DEFAULT_STEPS = {"vae": 2000, "base": 3000, "vision": 1500, "evaluator": EVALUATOR_STEPS}
+# Step budgets (speeds in the module docstring). The base dominates: the 2-hour recipe
+# the mini world was planned for does not hold, because a base that draws the captioned
+# shapes needs ~14000 steps of batch 64, not the 3000 first budgeted.
+DEFAULT_STEPS = {"vae": 2000, "base": 14000, "vision": 1500, "evaluator": EVALUATOR_STEPS}
 SUBJECT_WEIGHT = 4.0  # extra VAE loss weight on subject pixels, where the pattern is
 KL_WEIGHT = 1e-6
 CAPTION_DROP = 0.1
@@ -372,17 +377,17 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
 
 
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
-              init_adapter: Path | None = None) -> None:
+              init_adapter: Path | None = None, weights: Path = WEIGHTS_DIR) -> None:
     if phase == "assemble":
-        assemble(out)
+        assemble(out, weights)
         return
     if phase == "ship":
-        ship_adapters(out)
+        ship_adapters(out, weights)
         return
     if phase in STAGES:
         from .stages import train_stage
 
-        train_stage(phase, out, steps=steps, init_adapter=init_adapter)
+        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init_adapter)
         return
     budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
     if phase == "vae":
@@ -392,7 +397,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
     elif phase == "vision":
         train_vision(out, **budget)
     elif phase == "evaluator":
-        train_evaluator(out / "evaluator", **budget, weights=WEIGHTS_DIR / "evaluator")
+        train_evaluator(out / "evaluator", **budget, weights=weights / "evaluator")
     else:
         raise ValueError(f"unknown phase {phase!r}")
 
@@ -408,16 +413,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="also stop after this much training time")
     parser.add_argument("--out", type=Path, default=Path("runs/mini"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
+                        help="where assemble/evaluator/ship write and the stages read the base "
+                             "(default: the shipped weights; another folder keeps them untouched)")
     parser.add_argument("--init-adapter", type=Path, default=None,
                         help="stage 1 phases: continue from this adapter folder (e.g. the shipped one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.steps, args.minutes, args.init_adapter)
+        run_phase(args.phase, args.out, args.steps, args.minutes, args.init_adapter, args.weights)
         return
     for phase in PHASES:
         if phase in ("assemble", "ship") or not _finished(args.out / phase):
-            run_phase(phase, args.out)
+            run_phase(phase, args.out, weights=args.weights)
 
 
 if __name__ == "__main__":
