@@ -7,7 +7,7 @@ Phases, with default step budgets (`DEFAULT_STEPS`; s/step measured here with on
 thread, and with two where it was run so):
 - vae (2000 steps, 0.39 s/step, ~13 min): AutoencoderKL, L1 reconstruction weighted 5x
   on subject pixels (where the pattern is) + tiny KL;
-- base (14000, 1.1 s/step or 0.64 with 2 threads, ~150 min with 2): both text encoders
+- base (16000, 1.1 s/step or 0.64 with 2 threads, ~170 min with 2): both text encoders
   jointly with the U-Net, text-to-image, epsilon loss under SDXL's DDPM schedule,
   captions dropped to zeros 10 % of the time (what the pipeline's
   `force_zeros_for_empty_prompt` feeds the unconditional branch). The first 3000 steps
@@ -59,8 +59,8 @@ from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, W
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Step budgets (speeds in the module docstring). The base dominates: the 2-hour recipe
 # the mini world was planned for does not hold, because a base that draws the captioned
-# shapes needs ~14000 steps of batch 64, not the 3000 first budgeted.
-DEFAULT_STEPS = {"vae": 2000, "base": 14000, "vision": 1500, "evaluator": EVALUATOR_STEPS}
+# shapes needs ~16000 steps of batch 64, not the 3000 first budgeted.
+DEFAULT_STEPS = {"vae": 2000, "base": 16000, "vision": 1500, "evaluator": EVALUATOR_STEPS}
 SUBJECT_WEIGHT = 4.0  # extra VAE loss weight on subject pixels, where the pattern is
 KL_WEIGHT = 1e-6
 CAPTION_DROP = 0.1
