@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from anystory.models import AnyStoryState, grid_size, hard_route, transformer_blocks
-from anystory.models.routed_attention import layout_route, reference_attention, subject_attention
+from anystory.models.routed_attention import (
+    layout_route,
+    reference_attention,
+    routing_errors,
+    routing_loss,
+    subject_attention,
+)
 from anystory.models.router import _routed_positions
 
 from .conftest import make_adapter
@@ -166,3 +172,46 @@ def test_routing_isolation_per_layer(components):
         keep = states[0].previous_route(layer, grid) != 1
         assert torch.equal(self_a[keep], self_b[keep]), f"layer {layer} attn1 leaks subject 2"
         assert not torch.allclose(self_a[~keep], self_b[~keep]), f"layer {layer} attn1 ignores subject 2"
+
+
+def _one_hot_logits(owner: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """(B, L) owner indices -> confident logits (B, N+1, L)."""
+    return 50.0 * torch.nn.functional.one_hot(owner, num_entries).permute(0, 2, 1).float()
+
+
+def test_routing_loss_is_eq_4_and_matching_lets_only_twins_trade_masks():
+    # 3 subjects on a 6-position strip; ground truth: subject k owns positions 2k, 2k+1
+    target = torch.zeros(1, 3, 6)
+    for k in range(3):
+        target[0, k, 2 * k:2 * k + 2] = 1
+    swapped = torch.tensor([[1, 1, 0, 0, 2, 2]])  # the router swapped subjects 0 and 1
+    errors = [routing_errors(_one_hot_logits(swapped, 4), target)]
+    torch.testing.assert_close(errors[0][0].diagonal(), torch.tensor([4 / 6, 4 / 6, 0.0]), atol=1e-6, rtol=0)
+    plain = routing_loss(errors, None)  # Eq. 4: mean over subjects of the mean squared error
+    torch.testing.assert_close(plain, torch.tensor(8 / 18), atol=1e-6, rtol=0)
+    twins = torch.tensor([[0, 0, 1]])  # 0 and 1 are twins: the swap is as good as the truth
+    assert routing_loss(errors, None, twins).item() < 1e-6
+    strangers = torch.tensor([[0, 1, 2]])
+    torch.testing.assert_close(routing_loss(errors, None, strangers), plain)
+    # subject 2 is padding: it counts neither in the loss nor as anybody's twin
+    valid = torch.tensor([[True, True, False]])
+    padded = torch.tensor([[0, 0, -1]])
+    assert routing_loss(errors, valid, padded).item() < 1e-6
+    torch.testing.assert_close(routing_loss(errors, valid), torch.tensor(8 / 12), atol=1e-6, rtol=0)
+
+
+def test_matched_routing_loss_keeps_gradients_and_one_permutation_for_all_layers():
+    target = torch.zeros(2, 2, 4)
+    target[:, 0, :2], target[:, 1, 2:] = 1, 1
+    logits = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(3)]
+    errors = [routing_errors(l, target) for l in logits]
+    loss = routing_loss(errors, None, torch.tensor([[0, 0], [0, 1]]))
+    loss.backward()
+    assert all(l.grad is not None and l.grad.abs().sum() > 0 for l in logits)
+    # sample 0 (twins) takes the permutation with the least error summed over layers, the
+    # same for every layer; sample 1 (strangers) keeps its own masks
+    total = torch.stack(errors).sum(0)[0].detach()
+    straight, crossed = total[0, 0] + total[1, 1], total[0, 1] + total[1, 0]
+    expected = torch.stack([e[b].diagonal() if (b == 1 or straight <= crossed) else e[b].flip(-1).diagonal()
+                            for e in errors for b in range(2)]).mean()
+    torch.testing.assert_close(loss.detach(), expected)

@@ -115,3 +115,18 @@ def test_shipped_base_weights_load_with_diffusers():
     image = pipeline("in the middle, a cyan circle; beach background", num_inference_steps=2,
                      output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_stage2_records_label_twins_as_one_group():
+    from anystory.mini.stages import SceneRecords
+    from anystory.mini.world import Identity
+
+    records = SceneRecords(length=64)
+    twin_scenes = 0
+    for index in range(64):
+        record = records[index]
+        phrases = [Identity.from_name(n).phrase for n in records.data[index]["identities"].split("|")]
+        for i, j in ((i, j) for i in range(len(phrases)) for j in range(len(phrases))):
+            assert (record.subject_groups[i] == record.subject_groups[j]) == (phrases[i] == phrases[j])
+        twin_scenes += len(set(record.subject_groups)) < len(phrases)
+    assert 16 <= twin_scenes <= 48  # the world draws twins in about half the scenes

@@ -193,3 +193,22 @@ class _Stream:
 
     def __iter__(self):
         return iter(self.records)
+
+
+def test_subject_groups_travel_from_record_to_batch_with_padding_alone():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64))
+    masks = [np.zeros((64, 64), bool) for _ in range(3)]
+    for k, mask in enumerate(masks):
+        mask[8:24, 4 + 20 * k:16 + 20 * k] = True
+    transform = small_transform(buckets=[(64, 64)], max_subjects=3)
+    twins = transform(Record(image, "x", masks, key="a", subject_groups=[5, 0, 5]), np.random.default_rng(0))
+    alone = transform(Record(image, "x", masks[:2], key="b"), np.random.default_rng(0))
+    batch = collate([twins, alone])
+    labels = batch["subject_groups"]
+    assert labels.shape == (2, 3) and labels[1, 2] == -1 and labels[1, 0] != labels[1, 1]
+    chosen = twins["subject_groups"].tolist()  # the transform may reorder subjects: labels follow them
+    assert sorted(chosen) == [0, 5, 5]
+    with pytest.raises(SampleError, match="subject_groups"):
+        Record(image, "x", masks, key="c", subject_groups=[0, 1])

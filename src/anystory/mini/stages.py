@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..training import Record, Trainer
 from ..training.config import config_from_dict
-from .world import IMAGE_SIZE, MiniWorld, PairDataset, SceneDataset, WorldDataset
+from .world import IMAGE_SIZE, Identity, MiniWorld, PairDataset, SceneDataset, WorldDataset
 
 BASE_WEIGHTS = Path(__file__).parent / "weights" / "base"
 SOURCE_LENGTH = 200_000  # samples per epoch; each is rendered on demand
@@ -37,10 +37,15 @@ ADAPTER_KWARGS = dict(
 # paper's length. Stage 1 weights the loss 10x on subject pixels (a deviation): a single
 # subject covers ~13 % of the latent and its pattern far less, and with the plain mean
 # 1300 more steps left the reference's effect on the subject's noise error at ~0.1 %.
+# Stage 2 lets twins trade ground-truth masks in the routing loss (`train.match_twins`,
+# a deviation: see `anystory.models.routed_attention.routing_loss`).
 STAGE_SETTINGS = {
-    "stage1": dict(stage=1, batch_size=16, max_steps=7000, learning_rate=2e-4, subject_loss_weight=9.0),
-    "stage1_clip_only": dict(stage=1, batch_size=16, max_steps=7000, learning_rate=2e-4, subject_loss_weight=9.0),
-    "stage2": dict(stage=2, batch_size=16, max_steps=2500, learning_rate=2e-4, subject_loss_weight=0.0),
+    "stage1": dict(stage=1, batch_size=16, max_steps=7000, learning_rate=2e-4, subject_loss_weight=9.0,
+                   match_twins=False),
+    "stage1_clip_only": dict(stage=1, batch_size=16, max_steps=7000, learning_rate=2e-4, subject_loss_weight=9.0,
+                   match_twins=False),
+    "stage2": dict(stage=2, batch_size=16, max_steps=2500, learning_rate=2e-4, subject_loss_weight=0.0,
+                   match_twins=True),
 }
 
 
@@ -74,7 +79,10 @@ class SceneRecords(PairRecords):
     def __getitem__(self, index: int) -> Record:
         s = self.data[index]
         masks = [m.numpy() > 0.5 for m in s["masks"][: s["num_subjects"]]]
-        return Record(image=_image(s["image"]), caption=s["caption"], masks=masks, key=f"scene{index}")
+        phrases = [Identity.from_name(name).phrase for name in s["identities"].split("|")]
+        groups = [phrases.index(phrase) for phrase in phrases]  # twins: same shape and colour
+        return Record(image=_image(s["image"]), caption=s["caption"], masks=masks, key=f"scene{index}",
+                      subject_groups=groups)
 
 
 def stage_config(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | None = None,
@@ -96,7 +104,7 @@ def stage_config(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | 
         "train": {
             "batch_size": settings["batch_size"], "max_steps": steps or settings["max_steps"],
             "learning_rate": settings["learning_rate"], "lr_warmup_steps": 100, "lr_scheduler": "constant_with_warmup",
-            "subject_loss_weight": settings["subject_loss_weight"], "seed": 0,
+            "subject_loss_weight": settings["subject_loss_weight"], "match_twins": settings["match_twins"], "seed": 0,
         },
         "output": {
             "dir": str(out / phase), "checkpoint_every": 100, "checkpoints_total_limit": 2, "log_every": 25,

@@ -89,8 +89,8 @@ class AnyStoryState:
     record_maps: bool = False
     cache_projections: bool = False  # reuse projected subject keys/values across forwards
     routes: dict[int, tuple[torch.Tensor | None, tuple[int, int]]] = field(default_factory=dict)
-    routing_losses: list[torch.Tensor] = field(default_factory=list)
-    coarse_routing_losses: list[torch.Tensor] = field(default_factory=list)
+    routing_errors: list[torch.Tensor] = field(default_factory=list)  # per layer, see `routing_errors`
+    coarse_routing_errors: list[torch.Tensor] = field(default_factory=list)
     recorded: dict[int, RecordedMaps] = field(default_factory=dict)
     projections: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 

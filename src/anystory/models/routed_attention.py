@@ -18,6 +18,8 @@ U-Net computes exactly what it did before.
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable
 
 import torch
@@ -241,8 +243,8 @@ class RoutedCrossAttnProcessor(_RoutedProcessor):
     def _supervise_and_record(self, state: AnyStoryState, logits, grid: tuple[int, int]) -> None:
         if state.target_masks is not None:
             target = F.interpolate(state.target_masks.to(logits.refined.dtype), size=grid, mode="area").flatten(2)
-            state.routing_losses.append(routing_loss(logits.refined, target, state.subject_valid))
-            state.coarse_routing_losses.append(routing_loss(logits.coarse, target, state.subject_valid))
+            state.routing_errors.append(routing_errors(logits.refined, target))
+            state.coarse_routing_errors.append(routing_errors(logits.coarse, target))
         if state.record_maps:
             state.recorded[self.layer] = RecordedMaps(
                 coarse=logits.coarse.detach().softmax(dim=1).unflatten(-1, grid).float().cpu(),
@@ -285,16 +287,58 @@ def layout_route(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.one_hot(scores.argmax(dim=1), scores.shape[1]).transpose(1, 2).float()
 
 
-def routing_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 4 for one layer (before lambda): mean over subjects of ||M_i - M_i^gt||^2.
+def routing_errors(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||M_i - M_j^gt||^2 of one layer for every routed subject i and ground-truth mask j,
+    (B, N, N); the diagonal holds Eq. 4's terms.
 
     The squared error is averaged over positions rather than summed, so that layers of
     every resolution weigh the same (the paper does not say which; a sum would let the
     64x64 layers dominate).
     """
     maps = logits.softmax(dim=1)[:, :-1]
-    error = (maps - target).pow(2).mean(dim=-1)
+    return (maps[:, :, None] - target[:, None]).pow(2).mean(dim=-1)
+
+
+def routing_loss(
+    errors: list[torch.Tensor], valid: torch.Tensor | None, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Eq. 4 (before lambda): mean over layers and valid subjects of ||M_i - M_i^gt||^2.
+
+    `errors`: per layer, `routing_errors`. With `groups` (B, N) labels (-1: alone), each
+    sample's subjects that share a label may trade ground-truth masks: the permutation
+    with the least error over all layers is used. This is a deviation, for twins:
+    subjects the caption and the routing features cannot tell apart have no "right"
+    mask each, and the plain loss then teaches the router to split every twin region
+    50/50, which routes both regions to one twin at inference. Matching (as Mask2Former
+    matches its queries to instances) lets it learn any one-to-one split instead.
+    """
+    stacked = torch.stack(errors)  # (layers, B, N, N)
+    layers, batch, num_subjects = stacked.shape[:3]
+    owner = torch.arange(num_subjects, device=stacked.device).expand(batch, -1)
+    if groups is not None:
+        owner = best_permutations(stacked.sum(dim=0).detach(), groups)
+    chosen = stacked.gather(-1, owner[None, :, :, None].expand(layers, -1, -1, 1))[..., 0]
     if valid is None:
-        return error.mean()
-    weight = valid.to(error.dtype)
-    return (error * weight).sum() / weight.sum().clamp(min=1)
+        return chosen.mean()
+    weight = valid.to(chosen.dtype)
+    return (chosen * weight).sum() / (weight.sum().clamp(min=1) * layers)
+
+
+def best_permutations(cost: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per sample, the ground-truth index for each subject that minimises the summed cost
+    (B, N, N), permuting only among subjects with the same label >= 0."""
+    owners = []
+    for sample_cost, labels in zip(cost.cpu(), groups.cpu().tolist()):
+        members = [[i for i, g in enumerate(labels) if g == label] for label in sorted(set(labels) - {-1})]
+        members = [m for m in members if len(m) > 1]
+        best, best_cost = list(range(len(labels))), None
+        for choice in itertools.product(*(itertools.permutations(m) for m in members)):
+            owner = list(range(len(labels)))
+            for group, permuted in zip(members, choice):
+                for i, j in zip(group, permuted):
+                    owner[i] = j
+            total = sum(float(sample_cost[i, j]) for i, j in enumerate(owner))
+            if best_cost is None or total < best_cost:
+                best, best_cost = owner, total
+        owners.append(best)
+    return torch.tensor(owners, dtype=torch.long, device=cost.device)

@@ -41,7 +41,9 @@ class Record:
 
     image: the target image; masks: the subjects' whole-instance masks in it (bool H x W);
     references: per subject, the reference (image, mask) from another context (stage-1
-    pairs) or None, in which case each reference is cut from `image` itself (stage 2).
+    pairs) or None, in which case each reference is cut from `image` itself (stage 2);
+    subject_groups: optional per-subject labels, equal for subjects the caption cannot
+    tell apart (twins): the stage-2 routing loss may swap their ground-truth masks.
     """
 
     image: Image.Image
@@ -49,6 +51,7 @@ class Record:
     masks: list[np.ndarray]
     references: list[tuple[Image.Image, np.ndarray]] | None = None
     key: str = ""
+    subject_groups: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.masks:
@@ -59,6 +62,11 @@ class Record:
                 raise SampleError(f"sample {self.key!r}: mask {mask.shape} does not match image {size}")
         if self.references is not None and len(self.references) != len(self.masks):
             raise SampleError(f"sample {self.key!r}: {len(self.references)} references for {len(self.masks)} masks")
+        if self.subject_groups is not None and (
+            len(self.subject_groups) != len(self.masks) or min(self.subject_groups) < 0
+        ):
+            raise SampleError(f"sample {self.key!r}: subject_groups {self.subject_groups} must be "
+                              f"{len(self.masks)} labels >= 0, one per mask")
 
 
 def load_mask(source, what: str) -> np.ndarray:
@@ -161,7 +169,8 @@ class ManifestSource:
         if "instances" in row:
             image = _rgb(path(row["image"]), "image")
             masks = [_mask_for(image, path(i["mask"]), "instance mask") for i in row["instances"]]
-            return Record(image=image, caption=row["caption"], masks=masks, key=key)
+            groups = [i["group"] for i in row["instances"]] if all("group" in i for i in row["instances"]) else None
+            return Record(image=image, caption=row["caption"], masks=masks, key=key, subject_groups=groups)
         reference = _rgb(path(row["reference_image"]), "reference image")
         reference_mask = _mask_for(reference, path(row["reference_mask"]), "reference mask")
         target = _rgb(path(row["target_image"]), "target image")

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..models import AnyStoryAdapter, AnyStoryState, RecordedMaps, SubjectEncodings
+from ..models.routed_attention import routing_loss
 from ..pipelines import AnyStorySDXLPipeline
 from ..pipelines.components import clip_hidden_states, vae_latents
 from ..subject import latent_mask
@@ -61,6 +62,7 @@ class AnyStoryObjective(nn.Module):
         gumbel_tau: float = 1.0,
         timestep_range: tuple[int, int] | None = None,
         subject_loss_weight: float = 0.0,
+        match_twins: bool = False,
         sample_latents: bool = True,
     ):
         super().__init__()
@@ -76,6 +78,7 @@ class AnyStoryObjective(nn.Module):
         self.gumbel_tau = gumbel_tau
         self.timestep_range = tuple(timestep_range or (0, self.noise_scheduler.config.num_train_timesteps))
         self.subject_loss_weight = subject_loss_weight
+        self.match_twins = match_twins
         self.sample_latents = sample_latents
 
     @property
@@ -111,8 +114,9 @@ class AnyStoryObjective(nn.Module):
         losses = {"diffusion_loss": (error * self._pixel_weights(batch, error)).mean()}
         losses["loss"] = losses["diffusion_loss"]
         if self.stage == 2:
-            losses["routing_loss"] = torch.stack(state.routing_losses).mean()
-            losses["coarse_routing_loss"] = torch.stack(state.coarse_routing_losses).mean()
+            groups = batch["subject_groups"] if self.match_twins else None
+            losses["routing_loss"] = routing_loss(state.routing_errors, state.subject_valid, groups)
+            losses["coarse_routing_loss"] = routing_loss(state.coarse_routing_errors, state.subject_valid, groups)
             losses["loss"] = (
                 losses["loss"]
                 + self.routing_loss_weight * losses["routing_loss"]

@@ -99,6 +99,7 @@ class Trainer:
             gumbel_tau=config.train.gumbel_tau,
             timestep_range=config.train.timestep_range,
             subject_loss_weight=config.train.subject_loss_weight,
+            match_twins=config.train.match_twins,
             sample_latents=config.train.sample_latents,
         )
         self.optimizer = self._make_optimizer()

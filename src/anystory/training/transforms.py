@@ -106,6 +106,7 @@ class SampleTransform:
             "reference_masks": torch.stack(reference_mask),
             "caption": "" if rng.random() < self.caption_dropout else record.caption,
             "key": record.key,
+            "subject_groups": _subject_groups(record, chosen),
         }
 
     def _choose_subjects(self, record: Record, rng: np.random.Generator) -> list[int]:
@@ -167,7 +168,17 @@ def collate(samples: list[dict | SampleError]) -> dict | None:
     }
     for name in ("target_masks", "clip_pixels", "reference_pixels", "reference_masks"):
         batch[name] = torch.stack([_pad(s[name], most) for s in good])
+    batch["subject_groups"] = torch.stack([_pad(s["subject_groups"], most) - (~valid).long()
+                                           for s, valid in zip(good, batch["subject_valid"])])
     return batch
+
+
+def _subject_groups(record: Record, chosen: list[int]) -> torch.Tensor:
+    """Group labels of the chosen subjects: the record's, else every subject on its own.
+    Labels are >= 0; collate marks padding with -1 (interchangeable with nothing)."""
+    groups = record.subject_groups if record.subject_groups is not None else range(len(record.masks))
+    labels = list(groups)
+    return torch.tensor([labels[i] for i in chosen], dtype=torch.long)
 
 
 def _pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
