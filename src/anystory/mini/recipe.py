@@ -12,7 +12,8 @@ thread, and with two where it was run so):
   captions dropped to zeros 10 % of the time (what the pipeline's
   `force_zeros_for_empty_prompt` feeds the unconditional branch). The first 3000 steps
   drew blobs: the captioned shape came out right 25-30 % of the time (chance 20 %),
-  0.77 at 8000 steps and 0.86 at 10700 (64 held-out prompts, evaluator-read);
+  0.77 at 8000 steps, 0.86 at 10700 and 0.94 at 14979 (64 held-out prompts,
+  evaluator-read);
 - vision (1500, ~5 min): CLIP vision encoder, contrastive against "a <colour> <shape>"
   with a throwaway text tower, on segmented subject crops made by `anystory.Subject`;
 - assemble: the `StableDiffusionXLPipeline` folder (fp16) in `<weights>/base`, with
