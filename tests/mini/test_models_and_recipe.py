@@ -130,3 +130,13 @@ def test_stage2_records_label_twins_as_one_group():
             assert (record.subject_groups[i] == record.subject_groups[j]) == (phrases[i] == phrases[j])
         twin_scenes += len(set(record.subject_groups)) < len(phrases)
     assert 16 <= twin_scenes <= 48  # the world draws twins in about half the scenes
+
+
+def test_everything_shipped_in_the_weights_folder_stays_within_50_mb():
+    """The issue's budget for bundled weights, over every file the package carries there
+    (base, adapters, evaluator, configs): what a fresh clone downloads."""
+    from anystory.mini import WEIGHTS_DIR
+
+    files = [f for f in WEIGHTS_DIR.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert sum(f.stat().st_size for f in files) <= 50e6
