@@ -19,6 +19,7 @@ from anystory.mini.claims import (
     judge_pair,
     mask_iou,
     no_blending,
+    attributes_correct,
     pair_groups,
     positions_correct,
     routing_scenes,
@@ -150,6 +151,17 @@ def test_positions_must_match_the_caption_left_to_right():
     assert not positions_correct(regions[:1], scene) and not positions_correct(regions[::-1], scene)
 
 
+def test_attributes_must_match_the_caption_left_to_right():
+    (group,) = pair_groups(1, twins=False)
+    scene, (a, b) = group.scenes[0], group.identities
+    assert (a.shape, a.colour) != (b.shape, b.colour)
+    assert attributes_correct([_region(a, 4), _region(b, 48)], scene)
+    assert not attributes_correct([_region(b, 4), _region(a, 48)], scene)  # swapped sides
+    assert not attributes_correct([_region(a, 4)], scene)  # a subject missing
+    recoloured = Identity(b.shape, next(c for c in ("red", "blue") if c != b.colour), b.pattern)
+    assert not attributes_correct([_region(a, 4), _region(recoloured, 48)], scene)
+
+
 def test_ground_truth_drawn_by_an_oracle_scores_as_perfect(evaluator, tmp_path):
     fidelity = detail_fidelity({name: Oracle(single_subject_groups(8)) for name in ("adapter", "adapter_clip_only")},
                                evaluator, count=8, sheet=tmp_path / "fidelity.png")
@@ -159,6 +171,9 @@ def test_ground_truth_drawn_by_an_oracle_scores_as_perfect(evaluator, tmp_path):
     oracle = Oracle(single_subject_groups(4, stream="text") + pair_groups(4, stream="text_pairs", twins=False))
     text = text_alignment(oracle, evaluator, count=8, sheet=tmp_path / "text.png")
     assert min(text.background.values()) == 1.0 and min(text.position.values()) >= 0.85
+    assert min(text.attributes.values()) >= 0.85
+    base_only = text_alignment(oracle, evaluator, count=8, cells=("base",))  # a plain pipeline, no subjects
+    assert set(base_only.attributes) == {"base"} and base_only.attributes["base"] == text.attributes["base"]
     assert all((tmp_path / f"{claim}.png").exists() for claim in ("fidelity", "blending", "text"))
 
 

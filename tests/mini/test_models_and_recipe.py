@@ -117,6 +117,21 @@ def test_shipped_base_weights_load_with_diffusers():
     assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
+@pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
+def test_base_phase_continues_from_a_pipeline_folder(tmp_path):
+    torch.set_num_threads(1)
+    recipe.run_phase("base", tmp_path, minutes=0.0, init=SHIPPED_BASE)  # a zero budget: export the start
+    shipped = StableDiffusionXLPipeline.from_pretrained(SHIPPED_BASE)
+    final = tmp_path / "base" / recipe.FINAL
+    for key in ("unet", "text_encoder", "text_encoder_2"):
+        exported = type(shipped.components[key]).from_pretrained(final / key).state_dict()
+        assert exported.keys() == shipped.components[key].state_dict().keys()
+        for name, value in shipped.components[key].state_dict().items():
+            assert torch.equal(exported[name], value.float()), (key, name)
+    with pytest.raises(FileNotFoundError, match="unet"):
+        recipe.run_phase("base", tmp_path / "other", minutes=0.0, init=SHIPPED_BASE / "vae")
+
+
 def test_stage2_records_label_twins_as_one_group():
     from anystory.mini.stages import SceneRecords
     from anystory.mini.world import Identity

@@ -1,7 +1,7 @@
 """Train the mini world's base models from nothing, phase by phase, resumably.
 
     python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|stage1|...|all \
-        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init-adapter DIR]
+        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init DIR]
 
 Phases, with default step budgets (`DEFAULT_STEPS`; s/step measured here with one CPU
 thread, and with two where it was run so):
@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-from PIL import Image
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -137,14 +136,24 @@ def encode_captions(captions: list[str], tokenizers, text_encoders) -> tuple[tor
 
 
 def train_base(out: Path, max_steps: int | None = DEFAULT_STEPS["base"], minutes: float | None = None,
-               batch_size: int = 64, lr: float = 3e-4, seed: int = 0) -> Path:
-    """Train both text encoders and the U-Net jointly, text-to-image, on frozen VAE latents."""
-    vae = AutoencoderKL.from_pretrained(out / "vae" / FINAL).requires_grad_(False).eval()
+               batch_size: int = 64, lr: float = 3e-4, seed: int = 0, init: Path | None = None,
+               vae_dir: Path | None = None) -> Path:
+    """Train both text encoders and the U-Net jointly, text-to-image, on frozen VAE latents.
+
+    `init` (a pipeline folder, e.g. the shipped base) continues training from its weights
+    with a fresh optimizer, for a run that did not keep its checkpoint; `vae_dir` takes
+    the VAE from elsewhere than this run's own vae phase (e.g. `init / "vae"`).
+    """
+    init_files = {key: _weights_file(init / key) for key in BASE_MODULES} if init is not None else None
+    vae = AutoencoderKL.from_pretrained(vae_dir or out / "vae" / FINAL, torch_dtype=torch.float32)
+    vae.requires_grad_(False).eval()
     torch.manual_seed(seed)
     tokenizers = build_tokenizers()
     text_encoder, text_encoder_2 = build_text_encoders()
     unet = build_unet()
-    modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    modules = dict(zip(BASE_MODULES, (unet, text_encoder, text_encoder_2)))
+    if init_files is not None:
+        _load_weights(modules, init_files)
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     run = ResumableRun(out / "base", modules, optimizer, max_steps=max_steps, minutes=minutes, seed=seed,
@@ -168,10 +177,32 @@ def train_base(out: Path, max_steps: int | None = DEFAULT_STEPS["base"], minutes
                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         run.optimize(F.mse_loss(prediction, noise))
     run.save()
-    for key in modules:
+    for key in BASE_MODULES:
         run.final(key).save_pretrained(out / "base" / FINAL / key)
-    _write_report(out / "base", {"step": run.step, "minutes": run.elapsed / 60})
+    _write_report(out / "base", {"step": run.step, "minutes": run.elapsed / 60,
+                                 "started_from": str(init) if init is not None else "nothing"})
     return out / "base" / FINAL
+
+
+BASE_MODULES = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _weights_file(folder: Path) -> Path:
+    """The one safetensors file of a model folder of a pipeline (checked before any work)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{folder}: expected one .safetensors file, found {len(files)}")
+    return files[0]
+
+
+def _load_weights(modules: dict[str, nn.Module], files: dict[str, Path]) -> None:
+    """Copy each module's weights from its file (stored fp16 or fp32; the modules stay
+    fp32). Keys and shapes must match exactly."""
+    from safetensors.torch import load_file
+
+    for key, module in modules.items():
+        module.load_state_dict({k: v.float() for k, v in load_file(files[key]).items()}, strict=True)
+    print(f"[base] initialised {', '.join(modules)} from {files['unet'].parent.parent}", flush=True)
 
 
 # --------------------------------------------------------------------------- vision
@@ -291,7 +322,7 @@ def assemble(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
         image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "vision" / FINAL),
         feature_extractor=CLIPImageProcessor.from_pretrained(out / "vision" / FINAL),
     )
-    _sample_grid(pipeline, out / "base_samples.png")
+    _measure_base(pipeline, out, weights)
     target = weights / "base"
     pipeline.to(torch.float16).save_pretrained(target)
     for folder in ("text_encoder", "text_encoder_2", "image_encoder"):
@@ -346,16 +377,24 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     (weights / "README.md").write_text("\n".join(lines))
 
 
+BASE_PROMPTS = 64  # held-out prompts, half single- and half two-subject
+
+
 @torch.no_grad()
-def _sample_grid(pipeline: StableDiffusionXLPipeline, path: Path, count: int = 16) -> None:
-    """Generate held-out-style captions with the default sampler, for a visual check."""
-    data = TextToImageDataset(MiniWorld(), split="held_out", seed=7)
-    captions = [data[i]["caption"] for i in range(count)]
-    images = pipeline(captions, num_inference_steps=25, guidance_scale=7.5, output_type="np",
-                      generator=torch.Generator().manual_seed(0)).images
-    rows = [np.concatenate(list(images[r * 4:(r + 1) * 4]), axis=1) for r in range(count // 4)]
-    Image.fromarray((np.concatenate(rows) * 255).round().astype(np.uint8)).save(path)
-    path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
+def _measure_base(pipeline: StableDiffusionXLPipeline, out: Path, weights: Path) -> None:
+    """Read what the base draws for held-out captions (the text claim's base cell) and
+    record it in the base phase's report, which the model card shows; the contact sheet
+    goes to out/base_samples.png for a look."""
+    from .claims import text_alignment
+    from .evaluator import MiniEvaluator
+
+    pipeline.set_progress_bar_config(disable=True)
+    result = text_alignment(pipeline, MiniEvaluator.from_pretrained(weights / "evaluator"), count=BASE_PROMPTS,
+                            sheet=out / "base_samples.png", cells=("base",))
+    report = json.loads((out / "base" / "report.json").read_text())
+    report["held_out_prompts"] = {"count": BASE_PROMPTS, **{metric: getattr(result, metric)["base"]
+                                                            for metric in ("background", "position", "attributes")}}
+    _write_report(out / "base", report)
 
 
 # --------------------------------------------------------------------------- driver
@@ -378,7 +417,7 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
 
 
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
-              init_adapter: Path | None = None, weights: Path = WEIGHTS_DIR) -> None:
+              init: Path | None = None, weights: Path = WEIGHTS_DIR) -> None:
     if phase == "assemble":
         assemble(out, weights)
         return
@@ -388,13 +427,14 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
     if phase in STAGES:
         from .stages import train_stage
 
-        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init_adapter)
+        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init)
         return
     budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
     if phase == "vae":
         train_vae(out, **budget)
     elif phase == "base":
-        train_base(out, **budget)
+        # Continuing a pipeline folder takes its VAE too (the latent space it was trained in).
+        train_base(out, **budget, init=init, vae_dir=init / "vae" if init else None)
     elif phase == "vision":
         train_vision(out, **budget)
     elif phase == "evaluator":
@@ -417,12 +457,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
                         help="where assemble/evaluator/ship write and the stages read the base "
                              "(default: the shipped weights; another folder keeps them untouched)")
-    parser.add_argument("--init-adapter", type=Path, default=None,
-                        help="stage 1 phases: continue from this adapter folder (e.g. the shipped one)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from weights instead of from nothing: base, a pipeline folder "
+                             "(e.g. the shipped base); stage 1 phases, an adapter folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.steps, args.minutes, args.init_adapter, args.weights)
+        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights)
         return
     for phase in PHASES:
         if phase in ("assemble", "ship") or not _finished(args.out / phase):

@@ -122,6 +122,7 @@ def train_stage(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | N
     start = time.monotonic()
     adapter = Trainer(config, STAGE_SETTINGS[phase]["stage"], source=source).train()
     report = {"steps": config.train.max_steps, "batch_size": config.train.batch_size,
-              "minutes_this_run": (time.monotonic() - start) / 60}
+              "minutes_this_run": (time.monotonic() - start) / 60,
+              "started_from": config.model.adapter or "a fresh adapter"}
     (out / phase / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return adapter
