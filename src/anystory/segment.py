@@ -20,6 +20,7 @@ from PIL import Image
 
 from .models import AnyStoryState, SubjectEncodings
 from .pipelines import RoutingMaps
+from .pipelines.components import text_conditions
 from .subject import Subject, SubjectError, load_image
 
 
@@ -77,7 +78,7 @@ def segment(
         encodings.to(device, dtype), batch_size=1, latent_size=tuple(latents.shape[-2:]),
         use_router=True, record_maps=True,
     )
-    pipe.unet(noisy.to(dtype), timestep, cross_attention_kwargs={"anystory": state}, **_text_conditions(pipe, prompt, height, width, device))
+    pipe.unet(noisy.to(dtype), timestep, cross_attention_kwargs={"anystory": state}, **text_conditions(pipe, prompt, (height, width), device))
     layers = sorted(state.recorded)
     maps = RoutingMaps(
         refined=[state.recorded[l].refined[None] for l in layers],
@@ -110,16 +111,3 @@ def _encode_image(pipe, picture: Image.Image, height: int, width: int, device) -
             vae.to(original)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
-
-
-def _text_conditions(pipe, prompt: str, height: int, width: int, device) -> dict:
-    """The U-Net's text inputs for `prompt` (no classifier-free guidance: one pass)."""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
-    time_ids = pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=embeds.dtype,
-        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-    )
-    return {
-        "encoder_hidden_states": embeds,
-        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device)},
-    }

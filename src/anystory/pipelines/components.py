@@ -75,3 +75,16 @@ def vae_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = N
             vae.to(torch.float16)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+def text_conditions(pipe: StableDiffusionXLPipeline, prompt: str | list[str], size: tuple[int, int], device) -> dict:
+    """The U-Net's text inputs for `prompt` (one row per prompt, no classifier-free
+    guidance): for single U-Net passes outside the sampling loop (segmentation, probes)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids(
+        size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+    )
+    return {
+        "encoder_hidden_states": embeds,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device).expand(embeds.shape[0], -1)},
+    }
