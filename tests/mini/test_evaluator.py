@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from anystory.mini.evaluator import MiniEvaluator, label_components, measure_accuracy
-from anystory.mini.world import Identity, MiniWorld, Placement, Scene, distractors, identities
+from anystory.mini.world import MiniWorld, Placement, Scene, distractors, identities
 
 
 @pytest.fixture(scope="module")
