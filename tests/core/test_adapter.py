@@ -196,3 +196,33 @@ def test_routing_from_reference_tells_apart_subjects_that_clip_sees_alike(compon
     assert not any(p is adapter.reference_routing.weight for p in adapter.subject_encoder_parameters())
     with pytest.raises(ValueError, match="routing_from_reference needs the ReferenceNet"):
         AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, use_reference_net=False, routing_from_reference=True)
+
+
+def test_reference_query_starts_as_the_papers_attention_and_trains_in_stage_1(components):
+    """The `reference_query` deviation: Q~ starts as a copy of to_q (so a fresh adapter
+    computes exactly the paper's reference attention), belongs to the subject encoder's
+    parameters, and receives gradients."""
+    components["unet"].requires_grad_(False)
+    paper = make_adapter(components["unet"])
+    adapter = AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, reference_query=True)
+    adapter.load_state_dict(paper.state_dict(), strict=False)  # the same weights except Q~
+    blocks = transformer_blocks(components["unet"])
+    for layer, block in zip(adapter.layers[1:], blocks[1:]):
+        assert torch.equal(layer.reference_q.weight, block.attn1.to_q.weight)
+    assert adapter.layers[0].reference_q is None  # layer 1 has no reference attention
+    torch.manual_seed(0)
+    paper.attach(components["unet"])
+    expected, _ = _training_forward(components, paper, with_target_masks=False)
+    paper.detach(components["unet"])
+    adapter.attach(components["unet"])
+    torch.manual_seed(0)
+    out, _ = _training_forward(components, adapter, with_target_masks=False)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.pow(2).mean().backward()
+    trained = adapter.subject_encoder_parameters()
+    for layer in adapter.layers[1:]:
+        assert any(p is layer.reference_q.weight for p in trained)
+        assert layer.reference_q.weight.grad.abs().sum() > 0
+    adapter.detach(components["unet"])
+    with pytest.raises(ValueError, match="reference_query needs the ReferenceNet"):
+        AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, use_reference_net=False, reference_query=True)

@@ -215,3 +215,22 @@ def test_matched_routing_loss_keeps_gradients_and_one_permutation_for_all_layers
     expected = torch.stack([e[b].diagonal() if (b == 1 or straight <= crossed) else e[b].flip(-1).diagonal()
                             for e in errors for b in range(2)]).mean()
     torch.testing.assert_close(loss.detach(), expected)
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_separate_reference_query_scores_own_keys_with_q_and_reference_keys_with_q_tilde(routed):
+    """The `reference_query` deviation: one softmax over [Q.K, Q~.K~ + bias], in one call."""
+    torch.manual_seed(2)
+    B, H, L, S, D, N = 2, 2, 10, 4, 8, 2
+    q, k, v, q_ref = (torch.randn(B, H, L, D) for _ in range(4))
+    rk, rv = torch.randn(B, N, H, S, D), torch.randn(B, N, H, S, D)
+    route = torch.randint(0, N + 1, (B, L)) if routed else None
+    out = reference_attention(q, k, v, rk, rv, route, 0.7, ref_query=q_ref)
+    scale = 1 / math.sqrt(D)
+    logits = torch.cat([q @ k.transpose(-1, -2) * scale] + [q_ref @ rk[:, i].transpose(-1, -2) * scale for i in range(N)], -1)
+    bias = reference_bias(route, N, L, S, 0.7) if routed else torch.cat([torch.zeros(L), torch.full((N * S,), 0.7)])
+    values = torch.cat([v, rv.transpose(1, 2).flatten(2, 3)], dim=2)
+    torch.testing.assert_close(out, (logits + bias).softmax(-1) @ values, rtol=1e-5, atol=1e-5)
+    # with Q~ = Q it is the paper's attention exactly
+    torch.testing.assert_close(reference_attention(q, k, v, rk, rv, route, 0.7, ref_query=q),
+                               reference_attention(q, k, v, rk, rv, route, 0.7), rtol=1e-5, atol=1e-5)

@@ -155,3 +155,19 @@ def test_everything_shipped_in_the_weights_folder_stays_within_50_mb():
     files = [f for f in WEIGHTS_DIR.rglob("*") if f.is_file()]
     assert any(f.suffix == ".safetensors" for f in files)
     assert sum(f.stat().st_size for f in files) <= 50e6
+
+
+@pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
+def test_stage_phase_takes_trainer_overrides_and_records_them(tmp_path):
+    from anystory import AnyStoryAdapter
+    from anystory.mini.stages import ADAPTER_KWARGS, train_stage
+
+    torch.set_num_threads(1)
+    overrides = ["model.adapter_kwargs={reference_query: true}", "train.batch_size=2"]
+    exported = train_stage("stage1", tmp_path, base=SHIPPED_BASE, steps=1, overrides=overrides)
+    config = AnyStoryAdapter.from_pretrained(exported).config
+    assert config.reference_query and config.num_subject_tokens == ADAPTER_KWARGS["num_subject_tokens"]
+    report = json.loads((tmp_path / "stage1" / "report.json").read_text())
+    assert report["overrides"] == overrides and report["batch_size"] == 2 and report["steps"] == 1
+    with pytest.raises(SystemExit):
+        recipe.main(["--phase", "base", "train.batch_size=2"])  # overrides are for the stages only

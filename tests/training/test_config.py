@@ -22,6 +22,12 @@ def test_overrides_parse_values_as_yaml():
     assert config.model.adapter is None
 
 
+def test_a_mapping_override_merges_into_the_mapping_it_names():
+    config = load_config(CONFIGS / "tiny_stage1.yaml",
+                         ["model.adapter_kwargs={max_subjects: 4, qformer_depth: 2}", "model.adapter_kwargs={reference_query: true}"])
+    assert config.model.adapter_kwargs == {"max_subjects": 4, "qformer_depth": 2, "reference_query": True}
+
+
 @pytest.mark.parametrize(
     "override, message",
     [("train.max_step=3", "unknown key"), ("nosection.x=1", "unknown config section"), ("train.max_steps", "section.key=value"),

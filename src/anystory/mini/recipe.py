@@ -1,7 +1,7 @@
 """Train the mini world's base models from nothing, phase by phase, resumably.
 
     python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|stage1|...|all \
-        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init DIR]
+        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init DIR] [section.key=value ...]
 
 Phases, with default step budgets (`DEFAULT_STEPS`; s/step measured here with one CPU
 thread, and with two where it was run so):
@@ -417,7 +417,7 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
 
 
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
-              init: Path | None = None, weights: Path = WEIGHTS_DIR) -> None:
+              init: Path | None = None, weights: Path = WEIGHTS_DIR, overrides: list[str] | None = None) -> None:
     if phase == "assemble":
         assemble(out, weights)
         return
@@ -427,7 +427,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
     if phase in STAGES:
         from .stages import train_stage
 
-        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init)
+        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init, overrides=overrides)
         return
     budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
     if phase == "vae":
@@ -460,10 +460,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from weights instead of from nothing: base, a pipeline folder "
                              "(e.g. the shipped base); stage 1 phases, an adapter folder")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="stage phases: Trainer config overrides, e.g. 'model.adapter_kwargs={reference_query: true}'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.overrides and args.phase not in STAGES:
+        parser.error(f"config overrides apply to the stage phases ({', '.join(STAGES)}), not {args.phase}")
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights)
+        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights, args.overrides)
         return
     for phase in PHASES:
         if phase in ("assemble", "ship") or not _finished(args.out / phase):

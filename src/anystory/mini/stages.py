@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..training import Record, Trainer
-from ..training.config import config_from_dict
+from ..training.config import apply_override, config_from_dict
 from .world import IMAGE_SIZE, Identity, MiniWorld, PairDataset, SceneDataset, WorldDataset
 
 BASE_WEIGHTS = Path(__file__).parent / "weights" / "base"
@@ -114,15 +114,19 @@ def stage_config(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | 
 
 
 def train_stage(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | None = None,
-                init_adapter: Path | None = None) -> Path:
+                init_adapter: Path | None = None, overrides: list[str] | None = None) -> Path:
     """Run (or resume) one AnyStory stage; returns the exported adapter folder and writes
-    the phase's report (its step budget and this run's wall-clock minutes)."""
-    config = config_from_dict(stage_config(phase, out, base, steps, init_adapter))
+    the phase's report (its step budget and this run's wall-clock minutes). `overrides`
+    are the Trainer config's `section.key=value` (for ablations of the recipe)."""
+    raw = stage_config(phase, out, base, steps, init_adapter)
+    for override in overrides or []:
+        apply_override(raw, override)
+    config = config_from_dict(raw)
     source = SceneRecords() if phase == "stage2" else PairRecords()
     start = time.monotonic()
     adapter = Trainer(config, STAGE_SETTINGS[phase]["stage"], source=source).train()
     report = {"steps": config.train.max_steps, "batch_size": config.train.batch_size,
               "minutes_this_run": (time.monotonic() - start) / 60,
-              "started_from": config.model.adapter or "a fresh adapter"}
+              "started_from": config.model.adapter or "a fresh adapter", "overrides": overrides or []}
     (out / phase / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return adapter

@@ -37,11 +37,12 @@ class AdapterWeightsError(ValueError):
 
 class AnyStoryLayer(nn.Module):
     """The additions to one transformer block: W_hat (subject CLIP K/V), W_tilde (reference
-    K/V; none on layer 1, which has no preceding route) and the router layer."""
+    K/V; none on layer 1, which has no preceding route), optionally a reference query
+    (see `AnyStoryAdapter`'s `reference_query`) and the router layer."""
 
     def __init__(
         self, dim: int, heads: int, cross_attention_dim: int, routing_dim: int,
-        router_dim: int, router_heads: int, reference: bool,
+        router_dim: int, router_heads: int, reference: bool, reference_query: bool = False,
     ):
         super().__init__()
         self.heads = heads
@@ -49,6 +50,7 @@ class AnyStoryLayer(nn.Module):
         self.subject_v = nn.Linear(cross_attention_dim, dim, bias=False)
         self.reference_k = nn.Linear(dim, dim, bias=False) if reference else None
         self.reference_v = nn.Linear(dim, dim, bias=False) if reference else None
+        self.reference_q = nn.Linear(dim, dim, bias=False) if reference and reference_query else None
         self.router = RouterLayer(routing_dim, dim, router_dim, router_heads)
 
     @torch.no_grad()
@@ -59,6 +61,8 @@ class AnyStoryLayer(nn.Module):
         if self.reference_k is not None:
             self.reference_k.weight.copy_(block.attn1.to_k.weight)
             self.reference_v.weight.copy_(block.attn1.to_v.weight)
+        if self.reference_q is not None:
+            self.reference_q.weight.copy_(block.attn1.to_q.weight)
 
 
 class AnyStoryAdapter(ModelMixin, ConfigMixin):
@@ -81,10 +85,13 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         router_trained: bool = False,
         use_reference_net: bool = True,
         routing_from_reference: bool = False,
+        reference_query: bool = False,
     ):
         super().__init__()
-        if routing_from_reference and not use_reference_net:
-            raise ValueError("routing_from_reference needs the ReferenceNet (use_reference_net=True)")
+        reference_options = {"routing_from_reference": routing_from_reference, "reference_query": reference_query}
+        for option, on in reference_options.items():
+            if on and not use_reference_net:
+                raise ValueError(f"{option} needs the ReferenceNet (use_reference_net=True)")
         cross_dim = unet_config["cross_attention_dim"]
         self.subject_qformer = QFormer(
             image_embed_dim, cross_dim, num_subject_tokens, qformer_dim, qformer_depth, qformer_heads
@@ -93,10 +100,15 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         # Without it (the paper's CLIP-only ablation) no reference attention is added.
         self.reference_net = ReferenceNet(unet_config) if use_reference_net else None
         shapes = _self_attention_shapes(unet_config)
+        # Deviation, off by default (reference_query): the paper scores reference keys with
+        # the frozen U-Net's own query Q. Copying a detail needs the query at a target
+        # position to find the same place on the reference, which a frozen Q may not
+        # encode; this adds a trainable Q~ (from `to_q`, trained in stage 1) used on the
+        # reference keys only, in the same softmax (`reference_attention`).
         self.layers = nn.ModuleList(
             AnyStoryLayer(
                 dim, heads, cross_dim, routing_dim, router_dim, router_heads,
-                reference=use_reference_net and layer > 0,
+                reference=use_reference_net and layer > 0, reference_query=reference_query,
             )
             for layer, (dim, heads) in enumerate(shapes)
         )
@@ -125,7 +137,7 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         if self.reference_net is not None:
             params += self.reference_net.used_parameters()
         for layer in self.layers:
-            for proj in (layer.subject_k, layer.subject_v, layer.reference_k, layer.reference_v):
+            for proj in (layer.subject_k, layer.subject_v, layer.reference_k, layer.reference_v, layer.reference_q):
                 if proj is not None:
                     params += list(proj.parameters())
         return params

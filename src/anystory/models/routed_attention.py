@@ -45,13 +45,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend_by_route(
-    query: torch.Tensor, route: torch.Tensor, attend: Callable[[int, int, torch.Tensor], torch.Tensor]
+    query: torch.Tensor, route: torch.Tensor, attend: Callable[[int, int, torch.Tensor], torch.Tensor],
+    width: int | None = None,
 ) -> torch.Tensor:
     """Group query positions by their route and attend each group with `attend(b, i, q)`.
 
-    query: (B, H, L, D); route: (B, L) ints. Every position gets exactly one group.
+    query: (B, H, L, D); route: (B, L) ints; width: the values' D when it is not the
+    query's. Every position gets exactly one group.
     """
-    out = torch.empty_like(query)
+    out = query.new_empty(*query.shape[:-1], width or query.shape[-1])
     for b in range(query.shape[0]):
         routes = route[b].unique()
         if routes.numel() == 1:
@@ -72,27 +74,45 @@ def reference_attention(
     route: torch.Tensor | None,
     shift: float = 0.0,
     valid: torch.Tensor | None = None,
+    ref_query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eqs. 6-8. query/key/value: (B, H, L, D); ref_key/ref_value: (B, N, H, S, D);
     route: (B, L) in [0, N] (N = background) or None (every subject everywhere);
-    shift: gamma, added to the logits of reference keys; valid: (B, N) bool."""
+    shift: gamma, added to the logits of reference keys; valid: (B, N) bool;
+    ref_query: (B, H, L, D) queries for the reference keys only (the adapter's
+    `reference_query` deviation), None for the paper's one Q for all keys."""
     batch, num_subjects = query.shape[0], ref_key.shape[1]
     ref_key, ref_value = ref_key.expand(batch, -1, -1, -1, -1), ref_value.expand(batch, -1, -1, -1, -1)
+    scale = None
+    if ref_query is not None:
+        query, key, ref_key, scale = _separate_reference_queries(query, ref_query, key, ref_key)
     if route is None:
         keys = torch.cat([key, ref_key.transpose(1, 2).flatten(2, 3)], dim=2)
         values = torch.cat([value, ref_value.transpose(1, 2).flatten(2, 3)], dim=2)
-        return SDPA(query, keys, values, attn_mask=_reference_bias(key, ref_key, shift, valid))
+        return SDPA(query, keys, values, attn_mask=_reference_bias(key, ref_key, shift, valid), scale=scale)
     bias = _reference_bias(key[:1], ref_key[:1, :1], shift, None)
 
     def attend(b: int, i: int, q: torch.Tensor) -> torch.Tensor:
         # 4-D inputs (a batch of one): 3-D ones send CPU SDPA to its slow math kernel
         if i == num_subjects:
-            return SDPA(q[None], key[b, None], value[b, None])[0]
+            return SDPA(q[None], key[b, None], value[b, None], scale=scale)[0]
         keys = torch.cat([key[b], ref_key[b, i]], dim=1)[None]
         values = torch.cat([value[b], ref_value[b, i]], dim=1)[None]
-        return SDPA(q[None], keys, values, attn_mask=bias)[0]
+        return SDPA(q[None], keys, values, attn_mask=bias, scale=scale)[0]
 
-    return attend_by_route(query, route, attend)
+    return attend_by_route(query, route, attend, value.shape[-1])
+
+
+def _separate_reference_queries(query, ref_query, key, ref_key):
+    """One softmax over own and reference keys, with Q on own keys and Q~ on reference
+    keys, in the same single attention call: queries become [Q, Q~], own keys [K, 0] and
+    reference keys [0, K~], so every logit is Q.K or Q~.K~, scaled by the original
+    1/sqrt(D) rather than the stacked width's."""
+    scale = query.shape[-1] ** -0.5
+    stacked_query = torch.cat([query, ref_query], dim=-1)
+    own_key = torch.cat([key, torch.zeros_like(key)], dim=-1)
+    stacked_ref_key = torch.cat([torch.zeros_like(ref_key), ref_key], dim=-1)
+    return stacked_query, own_key, stacked_ref_key, scale
 
 
 def _reference_bias(key, ref_key, shift: float, valid) -> torch.Tensor | None:
@@ -267,8 +287,13 @@ class RoutedReferenceAttnProcessor(_RoutedProcessor):
         if attn.norm_k is not None:
             ref_key = attn.norm_k(ref_key)
         route = state.previous_route(self.layer, grid_size(hidden_states.shape[1], state.latent_size))
+        ref_query = None
+        if self.parts.reference_q is not None:
+            ref_query = split_heads(self.parts.reference_q(hidden_states), attn.heads)
+            if attn.norm_q is not None:
+                ref_query = attn.norm_q(ref_query)
         out = reference_attention(
-            query, key, value, ref_key, ref_value, route, state.reference_shift, state.subject_valid
+            query, key, value, ref_key, ref_value, route, state.reference_shift, state.subject_valid, ref_query
         )
         return self._output(attn, out, hidden_states)
 

@@ -119,7 +119,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides or []:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return config_from_dict(raw)
 
 
@@ -158,8 +158,9 @@ def _to_float(value, key: str) -> float:
         raise ConfigError(f"config key {key} must be a number, got {value!r}") from None
 
 
-def _apply_override(raw: dict, override: str) -> None:
-    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (the value is parsed as YAML)."""
+def apply_override(raw: dict, override: str) -> None:
+    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (the value is parsed as YAML);
+    a mapping merges into a mapping (`model.adapter_kwargs={max_subjects: 4}` sets one key)."""
     key, sep, value = override.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -172,4 +173,6 @@ def _apply_override(raw: dict, override: str) -> None:
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"config section '{section}' must be a mapping")
+    if isinstance(parsed, dict) and isinstance(target.get(name), dict):
+        parsed = {**target[name], **parsed}
     target[name] = parsed
