@@ -91,6 +91,17 @@ def test_flipped_subject_shows_the_mirrored_pattern(world):
     assert np.array_equal(flipped.image[mask], plain.image[:, ::-1][mask])
 
 
+def test_body_frame_undoes_position_size_rotation_and_flip():
+    identity = Identity("square", "red", canonical_pattern(0b000000111))
+    plain = Placement(identity, 30.0, 20.0, 10.0)
+    assert np.allclose(plain.body_frame(np.array(35.0), np.array(20.0)), (1.0, 0.0))  # right edge
+    flipped = Placement(identity, 30.0, 20.0, 10.0, flipped=True)
+    assert np.allclose(flipped.body_frame(np.array(35.0), np.array(20.0)), (-1.0, 0.0))
+    assert np.allclose(flipped.body_frame(np.array(35.0), np.array(20.0), unflip=False), (1.0, 0.0))
+    turned = Placement(identity, 30.0, 20.0, 10.0, angle=90.0)  # the subject's +u now points down
+    assert np.allclose(turned.body_frame(np.array(30.0), np.array(25.0)), (1.0, 0.0))
+
+
 @pytest.mark.parametrize("dataset_class", TRAINING_DATASETS)
 def test_held_out_identities_never_appear_in_training_samples(world, dataset_class):
     train, held_out = dataset_class(world), dataset_class(world, split="held_out")

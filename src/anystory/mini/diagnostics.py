@@ -9,7 +9,14 @@ the true reference lowers the error on the target's subject pixels below the twi
 the relative difference is the gain. Sampling-based claims (fidelity) need this gain to
 be well above zero, and it can be read early in a training run, in seconds.
 
-    python -m anystory.mini.diagnostics [--weights DIR] [--adapter adapter] [--count 48]
+`position_probe` asks whether the base U-Net could find the right place to copy from.
+The reference attention can carry a pattern cell only if a target token's query and a
+reference token's key both say where in its subject the token lies; they are linear
+maps of the attention's input, so the probe fits a ridge regression from those inputs
+to the token's coordinates in its subject's frame, on held-out scenes, and reports the
+held-out R^2 per transformer block and timestep (1: fully readable, 0: not at all).
+
+    python -m anystory.mini.diagnostics [--probe gain|position] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
 from ..models import AnyStoryState
+from ..models.topology import transformer_blocks
 from ..pipelines.components import text_conditions, vae_latents
 from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
 from .claims import SEED, Group, single_subject_groups
-from .world import MiniWorld, Render, to_tensor
+from .world import IMAGE_SIZE, MiniWorld, Render, to_tensor
 
 PROBE_TIMESTEPS = (100, 300, 500, 700)
 ARMS = ("true", "twin", "none")  # the reference given: the subject's own, a twin's, or no subject
@@ -92,16 +101,105 @@ def _state(pipe, reference: Render, latents: torch.Tensor, subject_scale: float)
     )
 
 
+@dataclass
+class PositionProbe:
+    count: int
+    side: dict[int, int]  # transformer block -> side of its token grid
+    r2: dict[int, dict[int, float]]  # timestep -> block -> held-out R^2 of the tokens' (u, v)
+
+
+def token_coordinates(render: Render, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a `side` x `side` token grid over a single-subject render: which tokens (row-major)
+    have their centre on the subject, and those tokens' (u, v) in the subject's frame, with
+    the image's handedness (a flip shows only through the pattern being copied)."""
+    centres = (np.arange(side) + 0.5) * IMAGE_SIZE / side
+    u, v = render.scene.placements[0].body_frame(centres[None, :], centres[:, None], unflip=False)
+    pixel = centres.astype(int)
+    on_subject = render.masks[0][np.ix_(pixel, pixel)]
+    return on_subject.reshape(-1), np.stack([u[on_subject], v[on_subject]], axis=1)
+
+
+def ridge_r2(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+             alpha: float = 0.1) -> float:
+    """Held-out R^2 of a ridge regression with intercept, averaged over the target columns;
+    `alpha` is relative to the features' mean energy, so it means the same at every width."""
+    mean = train_x.mean(0)
+
+    def design(x: np.ndarray) -> np.ndarray:
+        return np.c_[x - mean, np.ones(len(x))]
+
+    inputs = design(train_x)
+    gram = inputs.T @ inputs
+    ridge = alpha * np.trace(gram[:-1, :-1]) / max(gram.shape[0] - 1, 1)
+    weights = np.linalg.solve(gram + ridge * np.eye(gram.shape[0]), inputs.T @ train_y)
+    residual = ((design(test_x) @ weights - test_y) ** 2).sum(0)
+    return float((1.0 - residual / ((test_y - test_y.mean(0)) ** 2).sum(0)).mean())
+
+
+@torch.no_grad()
+def position_probe(pipe, count: int = 96, timesteps: tuple[int, ...] = (0, *PROBE_TIMESTEPS),
+                   seed: int = SEED) -> PositionProbe:
+    """The probe of the module docstring on the pipeline's U-Net alone (no subject): fitted
+    on the first half of `count` held-out single-subject scenes, scored on the second.
+    t = 0 is what the ReferenceNet, a copy of this U-Net, starts from."""
+    world, device, dtype = MiniWorld(), pipe._execution_device, pipe.unet.dtype
+    renders = [world.render(scene) for group in single_subject_groups(count, seed, stream="fidelity")
+               for scene in group.scenes]
+    pixels = torch.stack([to_tensor(r.image) for r in renders]).to(device)
+    latents = vae_latents(pipe.vae, pixels).to(dtype)
+    conditions = text_conditions(pipe, [r.caption for r in renders], tuple(pixels.shape[-2:]), device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    inputs: dict[int, torch.Tensor] = {}
+
+    def capture(block: int):
+        def hook(module, args, kwargs):
+            inputs[block] = (args[0] if args else kwargs["hidden_states"]).float().cpu()
+        return hook
+
+    handles = [b.attn1.register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i, b in enumerate(transformer_blocks(pipe.unet))]
+    r2: dict[int, dict[int, float]] = {}
+    try:
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t)).to(device, dtype)
+            step = torch.full((latents.shape[0],), t, device=device)
+            pipe.unet(scheduler.add_noise(latents, noise, step), step, **conditions)
+            r2[t] = {block: _held_out_r2(states.numpy(), renders) for block, states in inputs.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+    side = {block: int(round(states.shape[1] ** 0.5)) for block, states in inputs.items()}
+    return PositionProbe(len(renders), side, r2)
+
+
+def _held_out_r2(states: np.ndarray, renders: list[Render]) -> float:
+    """states: (scenes, tokens, channels); fit on the first half of the scenes."""
+    side = int(round(states.shape[1] ** 0.5))
+    features, targets = [], []
+    for scene_states, render in zip(states, renders):
+        on_subject, coordinates = token_coordinates(render, side)
+        features.append(scene_states[on_subject])
+        targets.append(coordinates)
+    half = len(renders) // 2
+    return ridge_r2(np.concatenate(features[:half]), np.concatenate(targets[:half]),
+                    np.concatenate(features[half:]), np.concatenate(targets[half:]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--probe", choices=("gain", "position"), default="gain")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder name inside --weights")
-    parser.add_argument("--count", type=int, default=48, help="held-out targets")
+    parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
     parser.add_argument("--subject-scale", type=float, default=1.0, help="eta; 0 probes the ReferenceNet alone")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = reference_gain(load_pipeline(args.adapter, args.weights), args.count, subject_scale=args.subject_scale)
+    pipe = load_pipeline(args.adapter, args.weights)
+    if args.probe == "position":
+        result = position_probe(pipe, args.count)
+    else:
+        result = reference_gain(pipe, args.count, subject_scale=args.subject_scale)
     print(json.dumps(asdict(result), indent=2))
 
 

@@ -210,6 +210,15 @@ class Placement:
         """The pattern as it reads in the image (mirrored when the subject is flipped)."""
         return mirror_pattern(self.identity.pattern) if self.flipped else self.identity.pattern
 
+    def body_frame(self, x: np.ndarray, y: np.ndarray, unflip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates (broadcastable arrays) in the subject's own frame, in half-sizes
+        from its centre: the rotation undone, and the flip too unless `unflip` is False
+        (the image's handedness, all that a symmetric shape shows of its pose)."""
+        dx, dy = (x - self.cx) / (self.size / 2), (y - self.cy) / (self.size / 2)
+        cos, sin = math.cos(math.radians(self.angle)), math.sin(math.radians(self.angle))
+        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+        return (-u if self.flipped and unflip else u), v
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -438,17 +447,10 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 def _draw_subject(image: np.ndarray, mask: np.ndarray, p: Placement) -> None:
     """Paint one subject into `image` and mark its pixels in `mask`, in place."""
-    half = p.size / 2
-    reach = int(math.ceil(_EXTENT * half)) + 1
+    reach = int(math.ceil(_EXTENT * p.size / 2)) + 1
     x0, x1 = max(int(p.cx) - reach, 0), min(int(p.cx) + reach + 1, IMAGE_SIZE)
     y0, y1 = max(int(p.cy) - reach, 0), min(int(p.cy) + reach + 1, IMAGE_SIZE)
-    dx = (np.arange(x0, x1) + 0.5 - p.cx)[None, :] / half
-    dy = (np.arange(y0, y1) + 0.5 - p.cy)[:, None] / half
-    cos, sin = math.cos(math.radians(p.angle)), math.sin(math.radians(p.angle))
-    u = cos * dx + sin * dy  # rotate the pixel grid back into the subject's frame
-    v = -sin * dx + cos * dy
-    if p.flipped:
-        u = -u
+    u, v = p.body_frame((np.arange(x0, x1) + 0.5)[None, :], (np.arange(y0, y1) + 0.5)[:, None])
     shape, colour, pattern = p.identity.shape, p.identity.colour, p.identity.pattern
     body = _SHAPE_TESTS[shape](u, v)
     cell = 2 * _GRID_HALF / 3
