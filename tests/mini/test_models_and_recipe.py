@@ -132,6 +132,20 @@ def test_base_phase_continues_from_a_pipeline_folder(tmp_path):
         recipe.run_phase("base", tmp_path / "other", minutes=0.0, init=SHIPPED_BASE / "vae")
 
 
+@pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
+def test_load_pipeline_takes_an_adapter_name_or_a_path_of_its_own(tmp_path, monkeypatch):
+    from anystory.mini import load_pipeline
+
+    shipped = load_pipeline("adapter_clip_only")
+    monkeypatch.chdir(recipe.WEIGHTS_DIR.parent)  # "weights/adapter_clip_only" is not inside weights/
+    relative = load_pipeline("weights/adapter_clip_only")
+    assert relative.adapter.state_dict().keys() == shipped.adapter.state_dict().keys()
+    for name, value in shipped.adapter.state_dict().items():
+        assert torch.equal(relative.adapter.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match="no_such_adapter"):
+        load_pipeline(str(tmp_path / "no_such_adapter"))
+
+
 def test_stage2_records_label_twins_as_one_group():
     from anystory.mini.stages import SceneRecords
     from anystory.mini.world import Identity

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probe", choices=("gain", "position"), default="gain")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
-    parser.add_argument("--adapter", default="adapter", help="adapter folder name inside --weights")
+    parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
     parser.add_argument("--subject-scale", type=float, default=1.0, help="eta; 0 probes the ReferenceNet alone")
     parser.add_argument("--threads", type=int, default=1)
