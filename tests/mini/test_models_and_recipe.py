@@ -161,6 +161,21 @@ def test_stage2_records_label_twins_as_one_group():
     assert 16 <= twin_scenes <= 48  # the world draws twins in about half the scenes
 
 
+def test_stage_configs_sample_late_timesteps_in_stage_1_and_start_stage_2_from_it(tmp_path):
+    """Stage 1 trains copying where the pattern is still undecided (t >= 300); stage 2
+    routes at every timestep the sampler visits, from stage 1's adapter."""
+    from anystory.mini.stages import stage_config
+    from anystory.training.config import config_from_dict
+
+    first, second = (config_from_dict(stage_config(p, tmp_path)) for p in ("stage1", "stage2"))
+    assert tuple(first.train.timestep_range) == (300, 1000) and first.model.adapter is None
+    assert first.model.adapter_kwargs["reference_query"] and first.model.adapter_kwargs["use_reference_net"]
+    assert second.train.timestep_range is None and second.model.adapter == str(tmp_path / "stage1" / "adapter")
+    clip_only = config_from_dict(stage_config("stage1_clip_only", tmp_path)).model.adapter_kwargs
+    assert not clip_only["use_reference_net"] and not clip_only["routing_from_reference"]
+    assert not clip_only["reference_query"]  # AnyStoryAdapter refuses it without a ReferenceNet
+
+
 def test_everything_shipped_in_the_weights_folder_stays_within_50_mb():
     """The issue's budget for bundled weights, over every file the package carries there
     (base, adapters, evaluator, configs) plus the resume points kept in `checkpoints/`:
@@ -179,10 +194,11 @@ def test_stage_phase_takes_trainer_overrides_and_records_them(tmp_path):
     from anystory.mini.stages import ADAPTER_KWARGS, train_stage
 
     torch.set_num_threads(1)
-    overrides = ["model.adapter_kwargs={reference_query: true}", "train.batch_size=2"]
+    overrides = ["model.adapter_kwargs={reference_query: false}", "train.batch_size=2"]
     exported = train_stage("stage1", tmp_path, base=SHIPPED_BASE, steps=1, overrides=overrides)
     config = AnyStoryAdapter.from_pretrained(exported).config
-    assert config.reference_query and config.num_subject_tokens == ADAPTER_KWARGS["num_subject_tokens"]
+    assert ADAPTER_KWARGS["reference_query"] and not config.reference_query  # the override wins, the rest stays
+    assert config.num_subject_tokens == ADAPTER_KWARGS["num_subject_tokens"]
     report = json.loads((tmp_path / "stage1" / "report.json").read_text())
     assert report["overrides"] == overrides and report["batch_size"] == 2 and report["steps"] == 1
     with pytest.raises(SystemExit):
