@@ -16,7 +16,13 @@ maps of the attention's input, so the probe fits a ridge regression from those i
 to the token's coordinates in its subject's frame, on held-out scenes, and reports the
 held-out R^2 per transformer block and timestep (1: fully readable, 0: not at all).
 
-    python -m anystory.mini.diagnostics [--probe gain|position] [--weights DIR] [--adapter adapter] [--count 48]
+`pattern_visibility` checks the world's own premise: the fine detail should be beyond what
+the low-resolution vision encoder resolves, so that only the ReferenceNet can carry it
+(the CLIP-only ablation's handicap). It fits a ridge classifier from the CLIP states the
+subject QFormer reads to the 9 pattern bits on training identities and reports the bit
+accuracy on held-out ones (0.5: invisible, 1: fully resolved).
+
+    python -m anystory.mini.diagnostics [--probe gain|position|pattern] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from ..models import AnyStoryState
 from ..models.topology import transformer_blocks
@@ -36,7 +43,7 @@ from ..pipelines.components import text_conditions, vae_latents
 from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
 from .claims import SEED, Group, single_subject_groups
-from .world import IMAGE_SIZE, MiniWorld, Render, to_tensor
+from .world import IMAGE_SIZE, MiniWorld, Render, pattern_bits, to_tensor
 
 PROBE_TIMESTEPS = (100, 300, 500, 700)
 ARMS = ("true", "twin", "none")  # the reference given: the subject's own, a twin's, or no subject
@@ -119,10 +126,9 @@ def token_coordinates(render: Render, side: int) -> tuple[np.ndarray, np.ndarray
     return on_subject.reshape(-1), np.stack([u[on_subject], v[on_subject]], axis=1)
 
 
-def ridge_r2(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-             alpha: float = 0.1) -> float:
-    """Held-out R^2 of a ridge regression with intercept, averaged over the target columns;
-    `alpha` is relative to the features' mean energy, so it means the same at every width."""
+def ridge_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, alpha: float = 0.1) -> np.ndarray:
+    """Predictions on `test_x` of a ridge regression with intercept fitted on the training
+    pair; `alpha` is relative to the features' mean energy, so it means the same at every width."""
     mean = train_x.mean(0)
 
     def design(x: np.ndarray) -> np.ndarray:
@@ -132,8 +138,41 @@ def ridge_r2(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     gram = inputs.T @ inputs
     ridge = alpha * np.trace(gram[:-1, :-1]) / max(gram.shape[0] - 1, 1)
     weights = np.linalg.solve(gram + ridge * np.eye(gram.shape[0]), inputs.T @ train_y)
-    residual = ((design(test_x) @ weights - test_y) ** 2).sum(0)
+    return design(test_x) @ weights
+
+
+def ridge_r2(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+             alpha: float = 0.1) -> float:
+    """Held-out R^2 of `ridge_predict`, averaged over the target columns."""
+    residual = ((ridge_predict(train_x, train_y, test_x, alpha) - test_y) ** 2).sum(0)
     return float((1.0 - residual / ((test_y - test_y.mean(0)) ** 2).sum(0)).mean())
+
+
+@dataclass
+class PatternVisibility:
+    train: int
+    held_out: int
+    bit_accuracy: float  # held-out identities, chance 0.5
+
+
+@torch.no_grad()
+def pattern_visibility(pipe, train: int = 1500, held_out: int = 400, seed: int = SEED) -> PatternVisibility:
+    """The premise check of the module docstring: renders of single subjects, segmented as
+    a user's references are, through the pipeline's own CLIP path."""
+    (train_x, train_bits), (test_x, test_bits) = (
+        _clip_pattern_samples(pipe, split, n, seed + i) for i, (split, n) in enumerate((("train", train), ("held_out", held_out)))
+    )
+    predicted = ridge_predict(train_x, train_bits * 2.0 - 1.0, test_x)
+    return PatternVisibility(train, held_out, float(((predicted > 0) == test_bits.astype(bool)).mean()))
+
+
+def _clip_pattern_samples(pipe, split: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    world, rng = MiniWorld(), np.random.default_rng(seed)
+    renders = [world.render(world.sample_scene(rng, world.sample_identities(rng, 1, split)))
+               for _ in range(count)]
+    subjects = [Subject(Image.fromarray(r.image), r.masks[0]) for r in renders]
+    states = pipe._clip_states(subjects, pipe._execution_device)[:-1].float().flatten(1).cpu().numpy()
+    return states, np.stack([pattern_bits(r.scene.placements[0].identity.pattern) for r in renders])
 
 
 @torch.no_grad()
@@ -187,7 +226,7 @@ def _held_out_r2(states: np.ndarray, renders: list[Render]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe", choices=("gain", "position"), default="gain")
+    parser.add_argument("--probe", choices=("gain", "position", "pattern"), default="gain")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
@@ -198,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.adapter, args.weights)
     if args.probe == "position":
         result = position_probe(pipe, args.count)
+    elif args.probe == "pattern":
+        result = pattern_visibility(pipe)
     else:
         result = reference_gain(pipe, args.count, subject_scale=args.subject_scale)
     print(json.dumps(asdict(result), indent=2))
