@@ -192,7 +192,8 @@ def generation_kwargs(pipe: AnyStorySDXLPipeline, args: argparse.Namespace) -> d
     height, width = output_size(pipe, args)
     kwargs = {
         "num_inference_steps": args.steps, "guidance_scale": args.guidance, "subject_scale": args.subject_scale,
-        "reference_shift": args.reference_shift, "height": height, "width": width,
+        "reference_shift": args.reference_shift, "unconditional_references": args.unconditional_references,
+        "height": height, "width": width,
     }
     if args.negative_prompt:
         kwargs["negative_prompt"] = args.negative_prompt
@@ -494,7 +495,11 @@ def _sampling_options(parser: argparse.ArgumentParser, steps: int = 25) -> None:
     group.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
     group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     group.add_argument("--subject-scale", type=float, default=1.0, help="eta: strength of the subject condition (default 1)")
-    group.add_argument("--reference-shift", type=float, default=0.0, help="gamma: reference-attention shift (default 0)")
+    group.add_argument("--reference-shift", type=float, default=None,
+                       help="gamma: reference-attention shift (default: the adapter's calibrated value)")
+    group.add_argument("--unconditional-references", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the references in CFG's unconditional branch (DESIGN default) or not, "
+                            "so that guidance amplifies them (default: the adapter's setting)")
     group.add_argument("--height", type=int, help="output height, a multiple of 8 (default: the model's)")
     group.add_argument("--width", type=int, help="output width, a multiple of 8 (default: the model's)")
     group.add_argument("--negative-prompt", default="", help="what the image should not show")

@@ -76,7 +76,7 @@ def segment(
 
     state = AnyStoryState.from_encodings(
         encodings.to(device, dtype), batch_size=1, latent_size=tuple(latents.shape[-2:]),
-        use_router=True, record_maps=True,
+        use_router=True, record_maps=True, reference_shift=pipe.adapter.config.reference_shift,
     )
     pipe.unet(noisy.to(dtype), timestep, cross_attention_kwargs={"anystory": state}, **text_conditions(pipe, prompt, (height, width), device))
     layers = sorted(state.recorded)

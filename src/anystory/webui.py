@@ -53,6 +53,7 @@ class Settings:
     reference_shift: float = 0.0  # gamma
     seed: int = 0
     use_router: bool = True
+    unconditional_references: bool = True  # CFG's unconditional branch keeps the references
     height: int = 1024
     width: int = 1024
     negative_prompt: str = ""
@@ -61,6 +62,7 @@ class Settings:
         return {
             "num_inference_steps": int(self.steps), "guidance_scale": float(self.guidance),
             "subject_scale": float(self.subject_scale), "reference_shift": float(self.reference_shift),
+            "unconditional_references": bool(self.unconditional_references),
             "height": int(self.height), "width": int(self.width), "negative_prompt": self.negative_prompt or None,
         }
 
@@ -79,7 +81,9 @@ class Studio:
     def settings(self) -> Settings:
         """Defaults: the paper's sampling, the model's size, the router when it was trained."""
         size = self.default_size
-        return Settings(use_router=bool(self.pipe.adapter.config.router_trained), height=size, width=size)
+        config = self.pipe.adapter.config
+        return Settings(use_router=bool(config.router_trained), reference_shift=float(config.reference_shift),
+                        unconditional_references=bool(config.unconditional_references), height=size, width=size)
 
     def generate(
         self, prompt: str, images: list, masks: list, settings: Settings
@@ -302,12 +306,14 @@ def _advanced_settings(defaults: Settings, size: int) -> list:
         with gr.Row():
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
             router = gr.Checkbox(value=defaults.use_router, label="Router (route each subject to its region)")
+            unconditional = gr.Checkbox(value=defaults.unconditional_references,
+                                        label="Keep references in CFG's unconditional branch (off: guidance amplifies them)")
         with gr.Row():
             low, high = max(8, size // 2 // 8 * 8), size * 2
             height = gr.Slider(low, high, value=defaults.height, step=8, label="Height")
             width = gr.Slider(low, high, value=defaults.width, step=8, label="Width")
         negative = gr.Textbox(label="Negative prompt", value="")
-    return [steps, guidance, eta, gamma, seed, router, height, width, negative]
+    return [steps, guidance, eta, gamma, seed, router, unconditional, height, width, negative]
 
 
 def _add_slot(visible: list[bool]):

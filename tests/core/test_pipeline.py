@@ -72,6 +72,41 @@ def test_subjects_change_the_image_and_subject_scale_matters(pipe, subjects):
     assert np.abs(one - plain).max() > 1e-3 and np.abs(stronger - one).max() > 1e-3
 
 
+def test_reference_shift_defaults_to_the_adapters_calibrated_value(pipe, subjects):
+    zero = generate(pipe, subjects=subjects[:1], reference_shift=0.0).images
+    assert np.array_equal(generate(pipe, subjects=subjects[:1]).images, zero)  # a fresh adapter: gamma 0
+    pipe.adapter.register_to_config(reference_shift=2.0)
+    shifted = generate(pipe, subjects=subjects[:1]).images
+    assert np.array_equal(shifted, generate(pipe, subjects=subjects[:1], reference_shift=2.0).images)
+    assert np.abs(shifted - zero).max() > 1e-3
+
+
+def _first_noise_prediction(pipe, subjects, **kwargs) -> torch.Tensor:
+    """The U-Net's output on the first step, (2, C, h, w): row 0 is the CFG unconditional branch."""
+    outputs = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, out: outputs.append(out[0].detach().clone()))
+    generate(pipe, subjects=subjects, num_inference_steps=1, **kwargs)
+    hook.remove()
+    return outputs[0]
+
+
+@pytest.mark.parametrize("routing", ["none", "router", "layout"])
+def test_without_unconditional_references_guidance_amplifies_the_subjects(pipe, subjects, routing):
+    """Off: the unconditional branch holds no subject, whichever are given; on (DESIGN §1's
+    default) it keeps each one's reference attention. The conditional branch is the same."""
+    pipe.adapter.register_to_config(router_trained=routing == "router")
+    layout = torch.zeros(2, 64, 64)
+    layout[0, :, :32], layout[1, :, 32:] = 1, 1
+    options = {"subject_masks": layout} if routing == "layout" else {}
+    first, second = subjects[:2], subjects[2:4]
+    dropped = [_first_noise_prediction(pipe, s, unconditional_references=False, **options) for s in (first, second)]
+    kept = [_first_noise_prediction(pipe, s, unconditional_references=True, **options) for s in (first, second)]
+    torch.testing.assert_close(dropped[0][0], dropped[1][0], rtol=0, atol=1e-6)
+    assert (kept[0][0] - kept[1][0]).abs().max() > 1e-4
+    torch.testing.assert_close(dropped[0][1], kept[0][1])  # the conditional rows do not change
+    assert (dropped[0][1] - dropped[1][1]).abs().max() > 1e-4
+
+
 def test_encodings_run_once_per_call_and_are_reusable(pipe, subjects):
     calls = {"reference_net": 0, "image_encoder": 0, "subject_k": 0, "reference_k": 0}
     pipe.adapter.reference_net.register_forward_hook(lambda *a: calls.__setitem__("reference_net", calls["reference_net"] + 1))

@@ -203,3 +203,45 @@ def test_stage_phase_takes_trainer_overrides_and_records_them(tmp_path):
     assert report["overrides"] == overrides and report["batch_size"] == 2 and report["steps"] == 1
     with pytest.raises(SystemExit):
         recipe.main(["--phase", "base", "train.batch_size=2"])  # overrides are for the stages only
+
+
+def test_calibration_picks_the_most_accurate_and_on_ties_the_least_departure_from_training():
+    from anystory.mini.calibration import Sampling, SamplingCalibration
+
+    kept, dropped = (lambda shift: Sampling(True, shift)), (lambda shift: Sampling(False, shift))
+    assert SamplingCalibration(8, {kept(0): 0.25, kept(2): 0.5, kept(3): 0.5, dropped(0): 0.375}).best == kept(2)
+    assert SamplingCalibration(8, {kept(0): 0.5, kept(1): 0.25, dropped(0): 0.5}).best == kept(0)
+    assert SamplingCalibration(8, {kept(0): 0.5, dropped(2): 0.75, dropped(0): 0.75}).best == dropped(0)
+
+
+def test_calibration_cases_never_touch_the_evaluations_identities():
+    from anystory.mini.claims import single_subject_groups
+
+    groups = single_subject_groups(40, stream="calibration", split="train")
+    assert len(groups) == 10 and not any(g.identities[0].held_out for g in groups)
+    assert not any(c.held_out for g in groups for case in g.candidates for c in case)
+    assert all(g.identities[0] in case for g in groups for case in g.candidates)
+
+
+@pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
+def test_calibrate_phase_stores_the_best_settings_as_the_pipelines_defaults(tmp_path):
+    import shutil
+
+    from anystory.mini import load_pipeline
+    from anystory.mini.calibration import Sampling
+
+    torch.set_num_threads(1)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for folder in ("base", "evaluator"):
+        (weights / folder).symlink_to(recipe.WEIGHTS_DIR / folder)
+    shutil.copytree(recipe.WEIGHTS_DIR / "adapter", weights / "adapter")
+    candidates = (Sampling(True, 0.0), Sampling(False, 3.0))
+    chosen = recipe.calibrate_adapter(tmp_path / "run", weights, count=4, candidates=candidates)
+    report = json.loads((tmp_path / "run" / "calibrate" / "report.json").read_text())
+    accuracy = report["identity_accuracy"]
+    assert list(accuracy) == [c.label for c in sorted(candidates)]
+    assert accuracy[Sampling(**chosen).label] == max(accuracy.values())
+    config = load_pipeline("adapter", weights).adapter.config
+    assert (config.unconditional_references, config.reference_shift) == (chosen["unconditional_references"], chosen["reference_shift"])
+    assert "identity_accuracy" in (weights / "README.md").read_text()  # the model card shows it

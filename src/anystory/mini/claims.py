@@ -1,7 +1,9 @@
 """The paper's claims (Figs. 3-6) as numbers on the mini world's held-out identities.
 
 Every generation uses held-out identities only (never seen by any trained part), fixed
-seeds, 64 x 64 images, 25 steps and CFG 7.5. References are ground-truth renders of an
+seeds, 64 x 64 images, 25 steps and CFG 7.5, and the adapter's own sampling defaults
+(gamma and the unconditional branch, chosen on training identities by
+`anystory.mini.calibration`). References are ground-truth renders of an
 identity in *another* context (its own background, position, size, angle, flip), so a
 method can only score by carrying the identity over, not by copying a picture. Images
 are read by the ground-truth-only evaluator (`anystory.mini.evaluator`).
@@ -71,7 +73,7 @@ from .world import (
 )
 
 CLAIMS = ("fidelity", "blending", "routing", "text")
-STREAMS = (*CLAIMS, "text_pairs")  # independent random streams of cases
+STREAMS = (*CLAIMS, "text_pairs", "calibration")  # independent random streams of cases
 DEFAULT_COUNT = 200
 SEED = 2501
 PROMPTS_PER_REFERENCE = 4  # prompts per pipeline call: one set of references, several contexts
@@ -129,13 +131,14 @@ def _split(count: int, per_group: int) -> list[int]:
     return [min(per_group, count - start) for start in range(0, count, per_group)]
 
 
-def single_subject_groups(count: int, seed: int = SEED, stream: str = "fidelity") -> list[Group]:
-    """`count` single-subject prompts: per group one held-out identity, its reference, and
+def single_subject_groups(count: int, seed: int = SEED, stream: str = "fidelity",
+                          split: Split = "held_out") -> list[Group]:
+    """`count` single-subject prompts: per group one identity of `split`, its reference, and
     `PROMPTS_PER_REFERENCE` captions of contexts whose background differs from the reference's."""
     world, groups = MiniWorld(), []
     for index, size in enumerate(_split(count, PROMPTS_PER_REFERENCE)):
         rng = _rng(seed, stream, index)
-        identity = world.sample_identity(rng, "held_out")
+        identity = world.sample_identity(rng, split)
         reference = _reference(world, rng, identity)
         others = [b for b in BACKGROUNDS if b != reference.scene.background]
         scenes = [world.sample_scene(rng, [identity], background=others[rng.integers(len(others))]) for _ in range(size)]
@@ -181,16 +184,18 @@ class Generation:
     maps: torch.Tensor | None = None  # (B, N+1, h, w) last step's layer-mean refined maps
 
 
-def generate(pipe, group: Group, personalized: bool = True, use_router: bool | None = None) -> Generation:
+def generate(pipe, group: Group, personalized: bool = True, use_router: bool | None = None,
+             **options) -> Generation:
     """All prompts of a group in one call, seeded by the group (so every cell of a claim
-    starts from the same noise). Not personalized: the base model, no subject."""
+    starts from the same noise). Not personalized: the base model, no subject. `options`
+    are pipeline arguments beyond `SAMPLING` (e.g. a reference shift to try)."""
     generator = torch.Generator().manual_seed(group.seed)
     if not personalized:
         output = pipe(group.prompts, generator=generator, **SAMPLING)
         return Generation(_uint8(output.images))
     record = use_router is not False and len(group.identities) > 1
     output = pipe(group.prompts, subjects=group.subjects, use_router=use_router, generator=generator,
-                  return_routing_maps=record, **SAMPLING)
+                  return_routing_maps=record, **SAMPLING, **options)
     maps = output.routing_maps.mean("refined")[-1] if record and output.routing_maps.refined else None
     return Generation(_uint8(output.images), maps)
 

@@ -21,7 +21,10 @@ thread, and with two where it was run so):
 - evaluator (1000, ~6 min): the ground-truth-only evaluator, in `<weights>/evaluator`;
 - stage1, stage1_clip_only, stage2, ship: AnyStory itself (`anystory.mini.stages`;
   14000, 7000 and 2500 steps at about 0.6, 0.45 and 1.0 s/step, ~2.5 h, ~50 min and
-  ~45 min), then the adapters into `<weights>` in fp16.
+  ~45 min), then the adapters into `<weights>` in fp16;
+- calibrate (~9 min): the shipped adapter's sampling settings (gamma, and what CFG's
+  unconditional branch keeps), chosen on training identities (`anystory.mini.calibration`)
+  and written into its config.
 `all` runs them in that order, skipping finished ones. A phase killed at any point
 resumes from its last checkpoint when rerun with the same command.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -345,7 +349,7 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     """weights/README.md: what ships, how it was made, and each phase's own numbers."""
     reports = {
         phase: json.loads(path.read_text())
-        for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator", *STAGES)]
+        for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator", *STAGES, "calibrate")]
         if path.exists()
     }
     sizes = {str(f.relative_to(weights)): f.stat().st_size / 1e6 for f in sorted(weights.rglob("*.safetensors"))}
@@ -363,7 +367,9 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
         "  with Karras sigmas, and a CLIP vision encoder (`image_encoder`, 16x16 input) with",
         "  its `feature_extractor`.",
         "- `adapter/`: the AnyStory adapter (`anystory.mini.stages`: stage 1, then stage 2 on",
-        "  top), trained with the project's `Trainer` on the world's pairs and scenes.",
+        "  top), trained with the project's `Trainer` on the world's pairs and scenes; its",
+        "  config's `reference_shift` and `unconditional_references` are sampling settings",
+        "  chosen on training identities (phase `calibrate`, `anystory.mini.calibration`).",
         "- `adapter_clip_only/`: the paper's CLIP-only ablation (stage 1 without ReferenceNet).",
         "- `evaluator/`: the ground-truth-only evaluator (`anystory.mini.evaluator`).",
         "",
@@ -418,6 +424,29 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     write_model_card(out, weights)
 
 
+def calibrate_adapter(out: Path, weights: Path = WEIGHTS_DIR, **calibration) -> dict:
+    """Choose the shipped adapter's sampling settings on training identities
+    (`anystory.mini.calibration`; `calibration`: its count and candidates) and store them
+    in the adapter's config as the pipeline's defaults."""
+    from . import load_pipeline
+    from .calibration import calibrate_sampling
+    from .evaluator import MiniEvaluator
+
+    pipe = load_pipeline("adapter", weights)
+    pipe.set_progress_bar_config(disable=True)
+    result = calibrate_sampling(pipe, MiniEvaluator.from_pretrained(weights / "evaluator"), **calibration)
+    chosen = asdict(result.best)
+    config_path = weights / "adapter" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **chosen}, indent=2, sort_keys=True) + "\n")
+    (out / "calibrate").mkdir(parents=True, exist_ok=True)
+    _write_report(out / "calibrate", {
+        **chosen, "cases": result.count, "identities": "training (stream 'calibration')",
+        "identity_accuracy": {c.label: accuracy for c, accuracy in sorted(result.accuracy.items())},
+    })
+    write_model_card(out, weights)
+    return chosen
+
+
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
               init: Path | None = None, weights: Path = WEIGHTS_DIR, overrides: list[str] | None = None) -> None:
     if phase == "assemble":
@@ -425,6 +454,9 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
         return
     if phase == "ship":
         ship_adapters(out, weights)
+        return
+    if phase == "calibrate":
+        calibrate_adapter(out, weights)
         return
     if phase in STAGES:
         from .stages import train_stage
@@ -446,7 +478,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
 
 
 STAGES = ("stage1", "stage2", "stage1_clip_only")  # AnyStory itself, with the project's Trainer
-PHASES = ("vae", "base", "vision", "evaluator", "assemble", *STAGES, "ship")
+PHASES = ("vae", "base", "vision", "evaluator", "assemble", *STAGES, "ship", "calibrate")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -472,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights, args.overrides)
         return
     for phase in PHASES:
-        if phase in ("assemble", "ship") or not _finished(args.out / phase):
+        if phase in ("assemble", "ship", "calibrate") or not _finished(args.out / phase):
             run_phase(phase, args.out, weights=args.weights)
 
 

@@ -86,7 +86,12 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         use_reference_net: bool = True,
         routing_from_reference: bool = False,
         reference_query: bool = False,
+        reference_shift: float = 0.0,
+        unconditional_references: bool = True,
     ):
+        """`reference_shift` and `unconditional_references`: the pipeline's defaults for
+        gamma (Eq. 8) and for what the CFG unconditional branch keeps (DESIGN §1: the
+        references, on), sampling settings calibrated once per trained adapter."""
         super().__init__()
         reference_options = {"routing_from_reference": routing_from_reference, "reference_query": reference_query}
         for option, on in reference_options.items():

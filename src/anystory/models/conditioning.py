@@ -106,12 +106,18 @@ class AnyStoryState:
         latent_size: tuple[int, int],
         unconditional_rows: int = 0,
         use_router: bool = True,
+        unconditional_references: bool = True,
         **options,
     ) -> "AnyStoryState":
         """Lay encodings out for a batch whose first `unconditional_rows` rows are the CFG
         unconditional branch: those get the null embedding for every subject (DESIGN §1)
-        and keep the reference attention and routing."""
+        and keep the reference attention and routing, unless `unconditional_references`
+        is off: then they hold no subject at all (marked invalid), so that guidance
+        amplifies the references as well, as IP-Adapter's zero image embedding does."""
         n = encodings.num_subjects
+        if not unconditional_references and unconditional_rows:
+            valid = torch.ones(batch_size, n, dtype=torch.bool, device=encodings.subject_tokens.device)
+            options["subject_valid"] = valid.index_fill(0, torch.arange(unconditional_rows, device=valid.device), False)
         cond = torch.cat([encodings.subject_tokens, encodings.null_tokens])
         uncond = encodings.null_tokens.expand(n + 1, -1, -1)
         rows = [uncond] * unconditional_rows + [cond] * (batch_size - unconditional_rows)

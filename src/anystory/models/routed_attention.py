@@ -250,7 +250,7 @@ class RoutedCrossAttnProcessor(_RoutedProcessor):
         """sigma(M^l), (B, N+1, L), stored for the next layer's reference attention."""
         grid = grid_size(latent.shape[1], state.latent_size)
         if state.layout_masks is not None:
-            sigma = layout_route(state.layout_masks, grid).to(latent.dtype)
+            sigma = without_invalid(layout_route(state.layout_masks, grid).to(latent.dtype), state.subject_valid)
         elif state.routing_features is not None:
             logits = self.parts.router(state.routing_features.to(latent.dtype), latent, state.entry_valid())
             sigma = hard_route(logits.refined, state.gumbel_tau)
@@ -310,6 +310,14 @@ def layout_route(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     background = coverage.new_full((coverage.shape[0], 1, coverage.shape[2]), 0.5)
     scores = torch.cat([coverage, background], dim=1)
     return F.one_hot(scores.argmax(dim=1), scores.shape[1]).transpose(1, 2).float()
+
+
+def without_invalid(sigma: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Hard routes (B, N+1, L) with the positions of invalid subjects given to the background."""
+    if valid is None:
+        return sigma
+    kept = sigma[:, :-1] * valid[..., None].to(sigma.dtype)
+    return torch.cat([kept, 1 - kept.sum(dim=1, keepdim=True)], dim=1)
 
 
 def routing_errors(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,8 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         subject_scale: float = 1.0,
-        reference_shift: float = 0.0,
+        reference_shift: float | None = None,
+        unconditional_references: bool | None = None,
         use_router: bool | None = None,
         subject_masks: Sequence | torch.Tensor | None = None,
         subject_steps: tuple[float, float] = (0.0, 1.0),
@@ -180,7 +181,12 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
 
         subjects: references (list of `Subject`) or `encode_subjects` output; none -> plain SDXL.
         subject_scale: eta, strength of the CLIP subject condition (Eq. 5).
-        reference_shift: gamma, added to the reference-attention logits (Eq. 8).
+        reference_shift: gamma, added to the reference-attention logits (Eq. 8); default:
+            the value calibrated for this adapter (`adapter.config.reference_shift`).
+        unconditional_references: whether the CFG unconditional branch keeps the reference
+            attention and routing (DESIGN §1's choice) or holds
+            no subject, so that guidance amplifies the references too (IP-Adapter's
+            choice); default: the adapter's `unconditional_references`.
         use_router: route subjects to regions (default: when the adapter's router was
             trained). Off, all subjects act everywhere (the paper's blending baseline).
         subject_masks: optional layout, one mask per subject (H x W at output size), which
@@ -202,7 +208,7 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
             raise ValueError("cross_attention_kwargs['anystory'] is set by the pipeline; pass subjects instead")
         state = self._prepare_state(
             prompt, encodings, kwargs, guidance_scale, subject_scale, reference_shift,
-            use_router, subject_masks, return_routing_maps,
+            unconditional_references, use_router, subject_masks, return_routing_maps,
         )
         recorder = _StepTracker(state, num_inference_steps, subject_steps, kwargs.pop("callback_on_step_end", None))
         tensor_inputs = list(kwargs.pop("callback_on_step_end_tensor_inputs", ["latents"]))
@@ -222,7 +228,7 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
 
     def _prepare_state(
         self, prompt, encodings, kwargs, guidance_scale, subject_scale, reference_shift,
-        use_router, subject_masks, record_maps,
+        unconditional_references, use_router, subject_masks, record_maps,
     ) -> AnyStoryState:
         rows = self._batch_rows(prompt, kwargs)
         cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
@@ -231,6 +237,10 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if reference_shift is None:
+            reference_shift = self.adapter.config.reference_shift
+        if unconditional_references is None:
+            unconditional_references = self.adapter.config.unconditional_references
         if use_router is None:
             use_router = self.adapter.config.router_trained
         elif use_router and not self.adapter.config.router_trained:
@@ -245,6 +255,7 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
             latent_size=latent_size,
             unconditional_rows=rows if cfg else 0,
             use_router=use_router,
+            unconditional_references=unconditional_references,
             layout_masks=None if layout is None else layout.to(device, dtype),
             subject_scale=subject_scale,
             reference_shift=reference_shift,
