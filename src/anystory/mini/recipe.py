@@ -20,8 +20,9 @@ thread, and with two where it was run so):
   `image_encoder` and `feature_extractor`, plus a sample grid for a look;
 - evaluator (1000, ~6 min): the ground-truth-only evaluator, in `<weights>/evaluator`;
 - stage1, stage1_clip_only, stage2, ship: AnyStory itself (`anystory.mini.stages`;
-  21000, 7000 and 2500 steps at about 0.6, 0.45 and 1.0 s/step, ~3.7 h, ~50 min and
-  ~45 min), then the adapters into `<weights>` in fp16;
+  28000, 7000 and 2500 steps at about 0.6 (0.45 with 2 threads), 0.45 and 1.0 (0.7 with
+  2 threads) s/step, ~4.5 h, ~50 min and ~45 min), then the adapters into `<weights>` in
+  fp16;
 - calibrate (~9 min): the shipped adapter's sampling settings (gamma, and what CFG's
   unconditional branch keeps), chosen on training identities (`anystory.mini.calibration`)
   and written into its config.

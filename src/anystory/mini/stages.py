@@ -51,16 +51,15 @@ ADAPTER_KWARGS = dict(
 # below t = 300 the pattern is already fixed by the noisy latent itself, so those steps
 # teach no copying. At 1000 steps this lifted the gain at t = 500 / 700 from 1.43 / 2.01 %
 # to 1.68 / 2.36 % on the same base.
-# Stage 1 runs 21000 steps (about 3.7 h on one thread): its copying was still improving
-# there (held-out identity accuracy 0.69 at 14000 steps, 0.79 at 20400, sampled as
+# Stage 1 runs 28000 steps (about 4.5 h on one thread): its copying was still improving
+# at 21000 (held-out identity accuracy 0.69 at 14000 steps, 0.79 at 20400, sampled as
 # calibrated; docs/mini-world-training.md); the CLIP-only ablation, which has nothing to
 # copy with, 7000. Stage 2 runs 2500 (on a 7000-step stage 1: routing IoU 0.326 at 1000,
-# 0.348 at 2500); the shipped adapter has the first 1000 of them (0.299; 0.334 with 2500
-# on the 14000-step stage 1), resumable to 2500.
+# 0.348 at 2500).
 # Stage 2 lets twins trade ground-truth masks in the routing loss (`train.match_twins`,
 # a deviation: see `anystory.models.routed_attention.routing_loss`).
 STAGE_SETTINGS = {
-    "stage1": dict(stage=1, batch_size=16, max_steps=21000, learning_rate=2e-4, subject_loss_weight=9.0,
+    "stage1": dict(stage=1, batch_size=16, max_steps=28000, learning_rate=2e-4, subject_loss_weight=9.0,
                    match_twins=False, timestep_range=(300, 1000)),
     "stage1_clip_only": dict(stage=1, batch_size=16, max_steps=7000, learning_rate=2e-4, subject_loss_weight=9.0,
                    match_twins=False, timestep_range=(300, 1000)),
