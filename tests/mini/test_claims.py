@@ -27,6 +27,7 @@ from anystory.mini.claims import (
     single_subject_groups,
     text_alignment,
 )
+from anystory.mini.diagnostics import read_sides, side_readings
 from anystory.mini.evaluator import MiniEvaluator, RegionReading
 from anystory.mini.world import CANONICAL_PATTERNS, Identity, MiniWorld, pattern_bits
 from anystory.pipelines import RoutingMaps
@@ -175,6 +176,23 @@ def test_ground_truth_drawn_by_an_oracle_scores_as_perfect(evaluator, tmp_path):
     base_only = text_alignment(oracle, evaluator, count=8, cells=("base",))  # a plain pipeline, no subjects
     assert set(base_only.attributes) == {"base"} and base_only.attributes["base"] == text.attributes["base"]
     assert all((tmp_path / f"{claim}.png").exists() for claim in ("fidelity", "blending", "text"))
+
+
+def test_sides_are_read_left_to_right_against_the_caption_order():
+    a, b = Identity("heart", "red", CANONICAL_PATTERNS[5]), Identity("circle", "blue", CANONICAL_PATTERNS[12])
+    candidates = [Identity("heart", "red", CANONICAL_PATTERNS[33]), b, a]
+    in_place = read_sides([_region(b, 40), _region(a, 2)], candidates, [a, b])  # listed right first
+    assert in_place == [(True, True), (True, True)]
+    swapped = read_sides([_region(b, 2), _region(a, 40)], candidates, [a, b])
+    assert swapped == [(False, False), (False, False)]
+    assert read_sides([_region(a, 2)], candidates, [a, b]) == []
+
+
+def test_side_readings_of_ground_truth_are_perfect(evaluator):
+    readings = side_readings(Oracle(pair_groups(6, twins=False)), evaluator, count=6)
+    assert set(readings.two_regions) == {"router", "no_router", "base"}
+    assert min(readings.two_regions.values()) == 1.0 and min(readings.attributes.values()) == 1.0
+    assert min(readings.identity.values()) >= 0.85
 
 
 def test_cli_refuses_unknown_claims(capsys):

@@ -1,4 +1,4 @@
-"""Probes that say *why* a claim falls short, without sampling a single image.
+"""Probes that say *why* a claim falls short; all but the last without sampling an image.
 
 `reference_gain` asks whether the subject encoder carries an identity's fine detail at
 all. Teacher forcing on held-out single-subject targets: the target is noised to a
@@ -22,7 +22,13 @@ the low-resolution vision encoder resolves, so that only the ReferenceNet can ca
 subject QFormer reads to the 9 pattern bits on training identities and reports the bit
 accuracy on held-out ones (0.5: invisible, 1: fully resolved).
 
-    python -m anystory.mini.diagnostics [--probe gain|position|pattern] [--weights DIR] [--adapter adapter] [--count 48]
+`side_readings` asks where two-subject prompts go wrong, on pairs that differ in shape
+or colour (so no twin confusion is involved): it samples them with the router, without
+it and with the base alone, and reads each side's region against the caption's subject
+on that side: its shape and colour (the base's binding of text to place) and its pattern
+(the copying), which Fig. 4's order-free blending verdict does not separate.
+
+    python -m anystory.mini.diagnostics [--probe gain|position|pattern|sides] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from ..models.topology import transformer_blocks
 from ..pipelines.components import text_conditions, vae_latents
 from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
-from .claims import SEED, Group, single_subject_groups
+from .claims import SEED, Group, generate, pair_groups, single_subject_groups
+from .evaluator import MiniEvaluator, RegionReading
 from .world import IMAGE_SIZE, MiniWorld, Render, pattern_bits, to_tensor
 
 PROBE_TIMESTEPS = (100, 300, 500, 700)
@@ -224,9 +231,48 @@ def _held_out_r2(states: np.ndarray, renders: list[Render]) -> float:
                     np.concatenate(features[half:]), np.concatenate(targets[half:]))
 
 
+SIDE_CELLS = {"router": dict(use_router=True), "no_router": dict(use_router=False), "base": dict(personalized=False)}
+
+
+@dataclass
+class SideReadings:
+    count: int
+    two_regions: dict[str, float]  # per cell: at least two subject regions found
+    attributes: dict[str, float]  # per cell and side: shape and colour of the caption's subject there
+    identity: dict[str, float]  # per cell and side: the pattern of the caption's subject there
+
+
+def read_sides(regions: list[RegionReading], candidates, identities) -> list[tuple[bool, bool]]:
+    """(attributes right, identity right) for the two largest regions, left to right,
+    against the caption's subjects in the same order; [] when fewer than two are found."""
+    largest = sorted(regions, key=lambda r: -int(r.mask.sum()))[:2]
+    if len(largest) < 2:
+        return []
+    ordered = sorted(largest, key=lambda r: float(np.nonzero(r.mask)[1].mean()))
+    return [((r.shape, r.colour) == (truth.shape, truth.colour), candidates[r.identify(candidates)] == truth)
+            for r, truth in zip(ordered, identities)]
+
+
+def side_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int = SEED) -> SideReadings:
+    """The module docstring's last probe, on `count` held-out non-twin prompts."""
+    found = {cell: [] for cell in SIDE_CELLS}
+    sides = {cell: [] for cell in SIDE_CELLS}
+    for group in pair_groups(count, seed, twins=False):
+        for cell, options in SIDE_CELLS.items():
+            for k, reading in enumerate(evaluator.read(generate(pipe, group, **options).images)):
+                readings = read_sides(reading.regions, group.candidates[k], group.identities)
+                found[cell].append(bool(readings))
+                sides[cell].extend(readings)
+    return SideReadings(
+        count, {c: float(np.mean(v)) for c, v in found.items()},
+        {c: float(np.mean([a for a, _ in v])) if v else 0.0 for c, v in sides.items()},
+        {c: float(np.mean([i for _, i in v])) if v else 0.0 for c, v in sides.items()},
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe", choices=("gain", "position", "pattern"), default="gain")
+    parser.add_argument("--probe", choices=("gain", "position", "pattern", "sides"), default="gain")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
@@ -239,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         result = position_probe(pipe, args.count)
     elif args.probe == "pattern":
         result = pattern_visibility(pipe)
+    elif args.probe == "sides":
+        pipe.set_progress_bar_config(disable=True)
+        result = side_readings(pipe, MiniEvaluator.from_pretrained(), args.count)
     else:
         result = reference_gain(pipe, args.count, subject_scale=args.subject_scale)
     print(json.dumps(asdict(result), indent=2))
