@@ -1,6 +1,7 @@
 """The claims evaluation: its arithmetic on constructed cases, and a small fixed sample of
 every claim on the shipped weights (the CI regression test of issue 4)."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,8 @@ from anystory.cli import main
 from anystory.mini import WEIGHTS_DIR
 from anystory.mini.claims import (
     ceiling_ious,
+    grid_ious,
+    has_twins,
     layer_grid_iou,
     detail_fidelity,
     hard_map_ious,
@@ -27,7 +30,7 @@ from anystory.mini.claims import (
     single_subject_groups,
     text_alignment,
 )
-from anystory.mini.diagnostics import read_sides, side_readings
+from anystory.mini.diagnostics import layout_readings, read_sides, side_readings
 from anystory.mini.evaluator import MiniEvaluator, RegionReading
 from anystory.mini.world import CANONICAL_PATTERNS, Identity, MiniWorld, pattern_bits
 from anystory.pipelines import RoutingMaps
@@ -138,10 +141,18 @@ def test_iou_of_ground_truth_maps_is_one_and_of_shifted_maps_is_known():
     swapped = [perfect[0][:, :, [1, 0, *range(2, one_hot.shape[1])]], *perfect[1:]]
     assert layer_grid_iou(RoutingMaps(swapped, perfect), render.masks, "refined") == pytest.approx(2 / 3)
     assert layer_grid_iou(RoutingMaps(swapped, perfect), render.masks, "coarse") == 1.0
+    # per grid size, the swap shows at 16 x 16 alone, and only in the refined maps
+    assert grid_ious(RoutingMaps(refined=swapped, coarse=perfect), render.masks) == {"16 x 16": 0.0, "8 x 8": 1.0, "4 x 4": 1.0}
     square = np.zeros((64, 64), dtype=bool)
     square[0:10, 0:10] = True
     assert mask_iou(square, np.roll(square, 5, axis=1)) == pytest.approx(50 / 150)
     assert mask_iou(square, ~square) == 0.0 and mask_iou(~np.ones_like(square), ~np.ones_like(square)) == 0.0
+
+
+def test_twin_scenes_are_those_with_a_shared_shape_and_colour():
+    a, b = pair_groups(1)[0].identities
+    assert has_twins([a, b]) and not has_twins([a, Identity("heart" if a.shape != "heart" else "star", a.colour, a.pattern)])
+    assert sum(has_twins(g.identities) for g in routing_scenes(40)) in range(10, 31)  # about half
 
 
 def test_positions_must_match_the_caption_left_to_right():
@@ -193,6 +204,34 @@ def test_side_readings_of_ground_truth_are_perfect(evaluator):
     assert set(readings.two_regions) == {"router", "no_router", "base"}
     assert min(readings.two_regions.values()) == 1.0 and min(readings.attributes.values()) == 1.0
     assert min(readings.identity.values()) >= 0.85
+
+
+class LayoutOracle:
+    """Stands in for a pipeline on single-prompt calls: given the scene's true masks in the
+    order of its subjects it draws the ground truth; routing on its own it blends, drawing
+    the first subject's identity in every place."""
+
+    def __init__(self, groups):
+        self.world = MiniWorld()
+        self.scenes = {s.caption: s for g in groups for s in g.scenes}
+
+    def __call__(self, prompts, subjects, subject_masks=None, return_routing_maps=False, **kwargs):
+        (scene,) = [self.scenes[p] for p in prompts]
+        render = self.world.render(scene)
+        if subject_masks is None:
+            first = next(p.identity for p in scene.placements if p.identity.name == subjects[0].name)
+            scene = replace(scene, placements=tuple(replace(p, identity=first) for p in scene.placements))
+        else:
+            owners = [next(i for i, m in enumerate(render.masks) if np.array_equal(m, mask)) for mask in subject_masks]
+            assert [scene.placements[i].identity.name for i in owners] == [s.name for s in subjects]
+        maps = RoutingMaps([], []) if return_routing_maps else None  # recorded nothing
+        return SimpleNamespace(images=self.world.render(scene).image[None] / 255.0, routing_maps=maps)
+
+
+def test_layout_probe_passes_each_scene_its_true_masks_in_reference_order(evaluator):
+    readings = layout_readings(LayoutOracle(pair_groups(6)), evaluator, count=6)
+    assert readings.both_correct["true_masks"] >= 5 / 6 and readings.blending["true_masks"] <= 1 / 6
+    assert readings.both_correct["router"] == 0.0 and readings.blending["router"] == 1.0
 
 
 def test_cli_refuses_unknown_claims(capsys):

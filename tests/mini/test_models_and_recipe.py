@@ -146,6 +146,19 @@ def test_load_pipeline_takes_an_adapter_name_or_a_path_of_its_own(tmp_path, monk
         load_pipeline(str(tmp_path / "no_such_adapter"))
 
 
+def test_layout_routing_records_reference_every_subject_of_the_scene():
+    from anystory.mini.stages import ScenePairRecords
+
+    records = ScenePairRecords(length=32)
+    counts = [len(records[i].masks) for i in range(32)]
+    assert set(counts) == {1, 2, 3}
+    for i in range(32):
+        record = records[i]
+        assert len(record.references) == len(record.masks) and len(record.subject_groups) == len(record.masks)
+        assert all(mask.shape == reference_mask.shape and reference_mask.sum() > 50
+                   for mask, (_, reference_mask) in zip(record.masks, record.references))
+
+
 def test_stage2_records_label_twins_as_one_group():
     from anystory.mini.stages import SceneRecords
     from anystory.mini.world import Identity
@@ -171,6 +184,7 @@ def test_stage_configs_sample_late_timesteps_in_stage_1_and_start_stage_2_from_i
     assert tuple(first.train.timestep_range) == (300, 1000) and first.model.adapter is None
     assert first.model.adapter_kwargs["reference_query"] and first.model.adapter_kwargs["use_reference_net"]
     assert second.train.timestep_range is None and second.model.adapter == str(tmp_path / "stage1" / "adapter")
+    assert not first.train.layout_routing  # the paper's stage 1: one subject, routed everywhere
     clip_only = config_from_dict(stage_config("stage1_clip_only", tmp_path)).model.adapter_kwargs
     assert not clip_only["use_reference_net"] and not clip_only["routing_from_reference"]
     assert not clip_only["reference_query"]  # AnyStoryAdapter refuses it without a ReferenceNet

@@ -16,6 +16,7 @@ from anystory.mini.world import (
     Placement,
     Scene,
     SceneDataset,
+    ScenePairDataset,
     TextToImageDataset,
     canonical_pattern,
     distractors,
@@ -24,7 +25,7 @@ from anystory.mini.world import (
     palette,
 )
 
-TRAINING_DATASETS = (TextToImageDataset, PairDataset, SceneDataset)
+TRAINING_DATASETS = (TextToImageDataset, PairDataset, SceneDataset, ScenePairDataset)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,27 @@ def test_pairs_show_one_identity_in_two_contexts(world):
     sample = PairDataset(world)[5]
     assert sample["reference_mask"].sum() > 100 and sample["mask"].sum() > 100
     assert not torch.equal(sample["reference"], sample["image"])
+
+
+def test_scene_pairs_reference_each_subject_alone_elsewhere_in_mask_order(world):
+    """Reference k shows the target's k-th subject (masks run left to right) in a context
+    of its own: the same body colours and a pattern of the same identity, a new background."""
+    data = ScenePairDataset(world)
+    counts = []
+    for i in range(40):
+        sample = data[i]
+        count = sample["num_subjects"]
+        counts.append(count)
+        names = sample["identities"].split("|")
+        assert len(names) == count and sample["masks"][count:].sum() == 0 and sample["reference_masks"][count:].sum() == 0
+        for k, name in enumerate(names):
+            identity = Identity.from_name(name)
+            reference = sample["references"][k].permute(1, 2, 0).add(1).mul(127.5).round().numpy()
+            body = sample["reference_masks"][k].numpy() > 0.5
+            colours = {tuple(c) for c in reference[body].astype(int)}
+            assert colours <= {tuple(c) for c in palette(identity.colour).astype(int)}, name
+            target = sample["image"].permute(1, 2, 0).add(1).mul(127.5).round().numpy()
+            on_target = sample["masks"][k].numpy() > 0.5
+            assert {tuple(c) for c in target[on_target].astype(int)} <= {tuple(c) for c in palette(identity.colour).astype(int)}
+        assert not torch.equal(sample["references"][0], sample["image"])
+    assert set(counts) == {1, 2, 3}

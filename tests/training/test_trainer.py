@@ -133,3 +133,29 @@ def test_subject_loss_weight_adds_exactly_the_weighted_subject_error(tmp_path):
     subject_term = losses[1.0] - losses[0.0]
     assert 0 < subject_term < 0.8 * losses[0.0]  # the subjects' share, not the whole image
     assert losses[4.0] - losses[0.0] == pytest.approx(4 * subject_term, rel=1e-4)
+
+
+def _diffusion_loss(trainer: Trainer, batch: dict) -> float:
+    with torch.no_grad():
+        return float(trainer.objective(batch, generator=torch.Generator().manual_seed(0))["diffusion_loss"])
+
+
+def test_layout_routing_routes_each_subject_to_its_own_target_mask(tmp_path):
+    """Stage 1's `layout_routing` deviation. With two subjects, swapping their references
+    (masks kept) changes the loss only when each is routed to its own mask: routed
+    everywhere, the method is equivariant in the subjects. A lone subject keeps the
+    paper's route (everywhere), so its loss is the same with the option on or off."""
+    config = tiny_config(1, tmp_path, "train.layout_routing=true", "train.sample_latents=false", "data.max_subjects=2")
+    trainer = Trainer(config, 1, source=scene_records(4), components=calibrated_tiny_components())
+    pair = collate([trainer.transform(scene_records(1, seed=5)[0], np.random.default_rng(0))])
+    assert pair["subject_valid"].tolist() == [[True, True]]  # stage 1 now takes both subjects
+    swapped = dict(pair, **{k: pair[k].flip(1) for k in ("clip_pixels", "reference_pixels", "reference_masks")})
+    single = collate([trainer.transform(pair_records(1, seed=5)[0], np.random.default_rng(0))])
+    routed = {name: _diffusion_loss(trainer, batch) for name, batch in
+              (("pair", pair), ("swapped", swapped), ("single", single))}
+    trainer.objective.layout_routing = False
+    everywhere = {name: _diffusion_loss(trainer, batch) for name, batch in
+                  (("pair", pair), ("swapped", swapped), ("single", single))}
+    assert abs(routed["pair"] - routed["swapped"]) > 1e-4 * routed["pair"], routed
+    assert everywhere["pair"] == pytest.approx(everywhere["swapped"], rel=1e-5)
+    assert routed["single"] == pytest.approx(everywhere["single"], rel=1e-6)

@@ -334,6 +334,23 @@ def layer_grid_iou(maps: RoutingMaps, masks: np.ndarray, kind: str) -> float:
     return routing_iou(recorded, torch.from_numpy(masks)[None], valid, kind)
 
 
+def grid_ious(maps: RoutingMaps, masks: np.ndarray) -> dict[str, float]:
+    """`layer_grid_iou` of the refined maps over the layers of each grid size alone,
+    finest first: where the routing is lost."""
+    sides = sorted({m.shape[-1] for m in maps.refined}, reverse=True)
+    ious = {}
+    for side in sides:
+        layers = [i for i, m in enumerate(maps.refined) if m.shape[-1] == side]
+        alone = RoutingMaps(refined=[maps.refined[i] for i in layers], coarse=[maps.coarse[i] for i in layers])
+        ious[f"{side} x {side}"] = layer_grid_iou(alone, masks, "refined")
+    return ious
+
+
+def has_twins(identities: Sequence[Identity]) -> bool:
+    """Do two of the subjects share shape and colour (only the pattern tells them apart)?"""
+    return len({(i.shape, i.colour) for i in identities}) < len(identities)
+
+
 def ceiling_ious(maps: RoutingMaps, masks: np.ndarray) -> list[float]:
     """What `hard_map_ious` gives for perfect routing: every layer holding the ground-truth
     masks at its own resolution. Coarse layers (4 x 4 here) blur small subjects in the
@@ -353,6 +370,8 @@ class Routing:
     image_ceiling: float  # what perfect per-layer routing scores at image size (`ceiling_ious`)
     refined_per_step: list[float] = field(default_factory=list)  # step 0 = most noise
     coarse_per_step: list[float] = field(default_factory=list)
+    refined_by_grid: dict[str, float] = field(default_factory=dict)  # over each grid size's layers alone
+    refined_by_scene: dict[str, float] = field(default_factory=dict)  # scenes with / without twins
 
 
 def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int = SAMPLING["num_inference_steps"],
@@ -361,6 +380,7 @@ def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int 
     the refinement beat the coarse map?"""
     world, ious = MiniWorld(), {kind: [[] for _ in range(steps)] for kind in ("refined", "coarse")}
     image_ious, ceiling, rows = [], [], []
+    by_grid, by_scene = {}, {"with twins": [], "without twins": []}
     for group in routing_scenes(count, seed):
         truth = world.render(group.scenes[0])
         encodings = pipe.encode_subjects(group.subjects)
@@ -371,6 +391,9 @@ def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int 
                              num_inference_steps=steps, generator=generator)
             for kind, per_step in ious.items():
                 per_step[step].append(layer_grid_iou(result.routing_maps, truth.masks, kind))
+            by_scene["with twins" if has_twins(group.identities) else "without twins"].append(ious["refined"][step][-1])
+            for grid, iou in grid_ious(result.routing_maps, truth.masks).items():
+                by_grid.setdefault(grid, []).append(iou)
             image_ious.extend(hard_map_ious(result.routing_maps, truth.masks, "refined"))
             if step == 0:
                 ceiling += ceiling_ious(result.routing_maps, truth.masks)
@@ -383,7 +406,8 @@ def routing_maps(pipe, count: int = DEFAULT_COUNT, seed: int = SEED, steps: int 
         contact_sheet(rows, ["scene", "ref 1", "ref 2", "ref 3", "refined t0", f"refined t{steps // 2}", f"refined t{steps - 1}"], sheet)
     means = {kind: [_mean(v) for v in per_step] for kind, per_step in ious.items()}
     return Routing(count, _mean(means["refined"]), _mean(means["coarse"]), _mean(image_ious), _mean(ceiling),
-                   means["refined"], means["coarse"])
+                   means["refined"], means["coarse"], {g: _mean(v) for g, v in by_grid.items()},
+                   {k: _mean(v) for k, v in by_scene.items()})
 
 
 # --------------------------------------------------------------------------- claim 4: text alignment
@@ -470,7 +494,9 @@ def table_rows(claim: str, result) -> list[Row]:
                     result.refined >= 0.75 and result.refined > result.coarse),
                 Row(claim, "coarse", "mean IoU", result.coarse),
                 Row(claim, "refined, layer-averaged at image size", "mean IoU", result.image_refined),
-                Row(claim, "perfect routing, layer-averaged at image size", "mean IoU", result.image_ceiling)]
+                Row(claim, "perfect routing, layer-averaged at image size", "mean IoU", result.image_ceiling),
+                *(Row(claim, f"refined, {grid} layers only", "mean IoU", v) for grid, v in result.refined_by_grid.items()),
+                *(Row(claim, f"refined, scenes {kind}", "mean IoU", v) for kind, v in result.refined_by_scene.items())]
     rows = []
     for metric in ("background", "position"):
         ours, base = getattr(result, metric)["personalized"], getattr(result, metric)["base"]

@@ -1,4 +1,4 @@
-"""Probes that say *why* a claim falls short; all but the last without sampling an image.
+"""Probes that say *why* a claim falls short; all but the last two without sampling an image.
 
 `reference_gain` asks whether the subject encoder carries an identity's fine detail at
 all. Teacher forcing on held-out single-subject targets: the target is noised to a
@@ -28,7 +28,12 @@ it and with the base alone, and reads each side's region against the caption's s
 on that side: its shape and colour (the base's binding of text to place) and its pattern
 (the copying), which Fig. 4's order-free blending verdict does not separate.
 
-    python -m anystory.mini.diagnostics [--probe gain|position|pattern|sides] [--weights DIR] [--adapter adapter] [--count 48]
+`layout_readings` splits the blending claim into routing and copying: it samples the
+twin prompts of Fig. 4 once with the router and once with each scene's true instance
+masks as the layout (a perfect router), and judges both like `claims.no_blending`. What
+the true masks score bounds what any router can reach with this subject encoder.
+
+    python -m anystory.mini.diagnostics [--probe gain|position|pattern|sides|layout] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from ..models.topology import transformer_blocks
 from ..pipelines.components import text_conditions, vae_latents
 from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
-from .claims import SEED, Group, generate, pair_groups, single_subject_groups
+from .claims import SEED, Group, PairVerdict, generate, judge_pair, pair_groups, single_subject_groups
 from .evaluator import MiniEvaluator, RegionReading
 from .world import IMAGE_SIZE, MiniWorld, Render, pattern_bits, to_tensor
 
@@ -254,7 +259,7 @@ def read_sides(regions: list[RegionReading], candidates, identities) -> list[tup
 
 
 def side_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int = SEED) -> SideReadings:
-    """The module docstring's last probe, on `count` held-out non-twin prompts."""
+    """The module docstring's fourth probe, on `count` held-out non-twin prompts."""
     found = {cell: [] for cell in SIDE_CELLS}
     sides = {cell: [] for cell in SIDE_CELLS}
     for group in pair_groups(count, seed, twins=False):
@@ -270,9 +275,43 @@ def side_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int = S
     )
 
 
+LAYOUT_CELLS = ("true_masks", "router")
+
+
+@dataclass
+class LayoutReadings:
+    count: int
+    both_correct: dict[str, float]  # per cell, as `claims.Blending`
+    blending: dict[str, float]
+
+
+def true_layout(group: Group, scene) -> list[np.ndarray]:
+    """The scene's instance masks in the order of the group's references."""
+    render = MiniWorld().render(scene)
+    owner = [p.identity for p in scene.placements]
+    return [render.masks[owner.index(identity)] for identity in group.identities]
+
+
+def layout_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int = SEED) -> LayoutReadings:
+    """The module docstring's last probe, on the first `count` twin prompts of Fig. 4;
+    one call per prompt, so that both cells start from the same noise."""
+    verdicts: dict[str, list[PairVerdict]] = {cell: [] for cell in LAYOUT_CELLS}
+    for group in pair_groups(count, seed):
+        for scene, candidates in zip(group.scenes, group.candidates):
+            single = replace(group, scenes=[scene], candidates=[candidates])
+            options = {"true_masks": dict(subject_masks=true_layout(group, scene)), "router": dict(use_router=True)}
+            for cell in LAYOUT_CELLS:
+                regions = evaluator.read(generate(pipe, single, **options[cell]).images)[0].regions
+                verdicts[cell].append(judge_pair(regions, candidates, group.identities))
+    return LayoutReadings(
+        count, *({c: float(np.mean([getattr(v, key) for v in vs])) for c, vs in verdicts.items()}
+                 for key in ("both_correct", "blended"))
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe", choices=("gain", "position", "pattern", "sides"), default="gain")
+    parser.add_argument("--probe", choices=("gain", "position", "pattern", "sides", "layout"), default="gain")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
@@ -285,9 +324,10 @@ def main(argv: list[str] | None = None) -> None:
         result = position_probe(pipe, args.count)
     elif args.probe == "pattern":
         result = pattern_visibility(pipe)
-    elif args.probe == "sides":
+    elif args.probe in ("sides", "layout"):
         pipe.set_progress_bar_config(disable=True)
-        result = side_readings(pipe, MiniEvaluator.from_pretrained(), args.count)
+        probe = side_readings if args.probe == "sides" else layout_readings
+        result = probe(pipe, MiniEvaluator.from_pretrained(), args.count)
     else:
         result = reference_gain(pipe, args.count, subject_scale=args.subject_scale)
     print(json.dumps(asdict(result), indent=2))

@@ -7,6 +7,10 @@ the world's samples as `Record`s and started from the bundled base models:
 - stage1_clip_only: the same without a ReferenceNet (the paper's CLIP-only ablation);
 - stage2: the router on 2-3 subject scenes, starting from the stage-1 adapter.
 
+A stage-1 phase run with the override `train.layout_routing=true` trains on scenes of 1-3
+subjects (`ScenePairRecords`), each routed to its own mask: an experiment, not part of
+the recipe (see the comment above `STAGE_SETTINGS`).
+
 Each writes `out/<phase>/adapter`; checkpoints make every phase resumable.
 """
 
@@ -21,7 +25,7 @@ from PIL import Image
 
 from ..training import Record, Trainer
 from ..training.config import apply_override, config_from_dict
-from .world import IMAGE_SIZE, Identity, MiniWorld, PairDataset, SceneDataset, WorldDataset
+from .world import IMAGE_SIZE, Identity, MiniWorld, PairDataset, SceneDataset, ScenePairDataset, WorldDataset
 
 BASE_WEIGHTS = Path(__file__).parent / "weights" / "base"
 SOURCE_LENGTH = 200_000  # samples per epoch; each is rendered on demand
@@ -58,6 +62,15 @@ ADAPTER_KWARGS = dict(
 # 0.348 at 2500).
 # Stage 2 lets twins trade ground-truth masks in the routing loss (`train.match_twins`,
 # a deviation: see `anystory.models.routed_attention.routing_loss`).
+# `train.layout_routing` (a deviation, see `AnyStoryObjective._teacher_layout`) is not in
+# the recipe: the paper's stage 1 only ever sees one subject, routed everywhere, and stage 2
+# freezes the encoder, so in two-subject scenes it copies poorly even where the routing is
+# perfect. 1500 steps of it on the shipped 28000-step encoder (`--phase stage1 --init
+# ADAPTER train.layout_routing=true`) lifted both twins right with their true masks as the
+# layout from 0.0875 to 0.225 (`python -m anystory.mini.diagnostics --probe layout`, 80
+# held-out twin prompts), and with 2000 more stage-2 steps on top, both correct from 0.075
+# to 0.130 (200 held-out prompts); but single-subject fidelity fell from 0.800 to 0.680,
+# blending rose from 0.170 to 0.240 and routing IoU fell from 0.323 to 0.259, so it does not ship.
 STAGE_SETTINGS = {
     "stage1": dict(stage=1, batch_size=16, max_steps=28000, learning_rate=2e-4, subject_loss_weight=9.0,
                    match_twins=False, timestep_range=(300, 1000)),
@@ -101,7 +114,23 @@ class SceneRecords(PairRecords):
         phrases = [Identity.from_name(name).phrase for name in s["identities"].split("|")]
         groups = [phrases.index(phrase) for phrase in phrases]  # twins: same shape and colour
         return Record(image=_image(s["image"]), caption=s["caption"], masks=masks, key=f"scene{index}",
-                      subject_groups=groups)
+                      references=self._references(s), subject_groups=groups)
+
+    def _references(self, sample: dict) -> list | None:
+        return None  # cut from the target by the Trainer
+
+
+class ScenePairRecords(SceneRecords):
+    """Stage-1 records of the `layout_routing` deviation: scenes of 1-3 subjects, each
+    subject referenced from a context of its own."""
+
+    def __init__(self, split: str = "train", seed: int = 13, length: int = SOURCE_LENGTH):
+        self.data = ScenePairDataset(MiniWorld(), split=split, seed=seed, length=length)
+
+    def _references(self, sample: dict) -> list:
+        count = sample["num_subjects"]
+        return [(_image(image), mask.numpy() > 0.5)
+                for image, mask in zip(sample["references"][:count], sample["reference_masks"][:count])]
 
 
 def stage_config(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | None = None,
@@ -143,7 +172,7 @@ def train_stage(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | N
     for override in overrides or []:
         apply_override(raw, override)
     config = config_from_dict(raw)
-    source = SceneRecords() if phase == "stage2" else PairRecords()
+    source = SceneRecords() if phase == "stage2" else ScenePairRecords() if config.train.layout_routing else PairRecords()
     start = time.monotonic()
     adapter = Trainer(config, STAGE_SETTINGS[phase]["stage"], source=source).train()
     report = {"steps": config.train.max_steps, "batch_size": config.train.batch_size,

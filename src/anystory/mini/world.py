@@ -549,12 +549,45 @@ class SceneDataset(WorldDataset):
         count = int(rng.integers(2, MAX_SUBJECTS + 1))
         subjects = self.world.sample_identities(rng, count, self.split, self.twin_prob)
         render = self.world.render(self.world.sample_scene(rng, subjects))
-        masks = np.zeros((MAX_SUBJECTS, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-        masks[:count] = render.masks
         return {
             "image": to_tensor(render.image),
-            "masks": torch.from_numpy(masks),
+            "masks": _padded(render.masks),
             "num_subjects": count,
             "caption": render.caption,
             "identities": _names(render.scene),
         }
+
+
+class ScenePairDataset(WorldDataset):
+    """Stage-1 pairs of whole scenes: a target of 1-3 subjects (two- and three-subject
+    scenes hold twins half the time) and, per subject, a reference of it alone in a context
+    of its own, listed left to right as the target's masks and padded to `MAX_SUBJECTS`
+    (the data of stage 1's `layout_routing` deviation: copying beside other subjects)."""
+
+    stream = 4
+    count_probs = (0.4, 0.4, 0.2)
+    twin_prob = 0.5
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        count = int(rng.choice(MAX_SUBJECTS, p=self.count_probs)) + 1
+        subjects = self.world.sample_identities(rng, count, self.split, self.twin_prob)
+        target = self.world.render(self.world.sample_scene(rng, subjects))
+        alone = [self.world.render(self.world.sample_scene(rng, [p.identity])) for p in target.scene.placements]
+        references = np.zeros((MAX_SUBJECTS, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        references[:count] = [r.image for r in alone]
+        return {
+            "image": to_tensor(target.image),
+            "masks": _padded(target.masks),
+            "references": torch.stack([to_tensor(image) for image in references]),
+            "reference_masks": _padded(np.stack([r.masks[0] for r in alone])),
+            "num_subjects": count,
+            "caption": target.caption,
+            "identities": _names(target.scene),
+        }
+
+
+def _padded(masks: np.ndarray) -> torch.Tensor:
+    """(k, H, W) bool masks -> (MAX_SUBJECTS, H, W) float, zero masks after the k real ones."""
+    padded = np.zeros((MAX_SUBJECTS, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    padded[: len(masks)] = masks
+    return torch.from_numpy(padded)

@@ -74,6 +74,7 @@ class TrainConfig:
     timestep_range: tuple[int, int] | None = None  # [low, high) of the sampled timesteps; None: all
     subject_loss_weight: float = 0.0  # extra diffusion-loss weight on subject pixels; 0: the paper's plain loss
     match_twins: bool = False  # stage 2: same-group subjects (Record.subject_groups) may trade masks in L_route
+    layout_routing: bool = False  # stage 1: up to data.max_subjects subjects, each routed to its target mask
     sample_latents: bool = True  # target latents: a posterior sample (usual) or its mode (random test VAEs)
     find_unused_parameters: bool = True  # DDP: the ReferenceNet's tail after its last capture gets no gradient
     seed: int = 0

@@ -63,6 +63,7 @@ class AnyStoryObjective(nn.Module):
         timestep_range: tuple[int, int] | None = None,
         subject_loss_weight: float = 0.0,
         match_twins: bool = False,
+        layout_routing: bool = False,
         sample_latents: bool = True,
     ):
         super().__init__()
@@ -79,6 +80,7 @@ class AnyStoryObjective(nn.Module):
         self.timestep_range = tuple(timestep_range or (0, self.noise_scheduler.config.num_train_timesteps))
         self.subject_loss_weight = subject_loss_weight
         self.match_twins = match_twins
+        self.layout_routing = layout_routing and stage == 1
         self.sample_latents = sample_latents
 
     @property
@@ -125,6 +127,18 @@ class AnyStoryObjective(nn.Module):
             if record_maps:
                 losses["routing_iou"] = torch.tensor(routing_iou(state.recorded, batch["target_masks"], batch["subject_valid"]))
         return losses
+
+    @staticmethod
+    def _teacher_layout(masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Stage 1's `layout_routing` (a deviation: the paper's stage 1 sees one subject,
+        routed everywhere): each subject is routed to its own instance mask in the target,
+        as stage 2's router will route it, so that the encoder learns to copy a subject
+        beside others and only where it stands. A sample's single subject keeps the whole
+        image (the paper's route); padding slots route nowhere."""
+        alone = valid.sum(dim=1) == 1
+        layout = masks.float().clone()
+        layout[alone] = valid[alone][..., None, None].to(layout.dtype).expand_as(layout[alone])
+        return layout
 
     def _pixel_weights(self, batch: dict, error: torch.Tensor) -> torch.Tensor | float:
         """1 everywhere, plus `subject_loss_weight` on the target's subject pixels (an
@@ -175,7 +189,9 @@ class AnyStoryObjective(nn.Module):
         references = {
             layer: pad_subjects(g, valid, g.new_zeros(())) for layer, g in encodings.reference_states.items()
         }
-        routing = None
+        routing, layout = None, None
+        if self.layout_routing:
+            layout = self._teacher_layout(batch["target_masks"].to(tokens.device), valid)
         if self.stage == 2:
             background = encodings.background_routing
             routing = torch.cat([pad_subjects(encodings.routing_features, valid, background[0]), background.expand(batch_size, 1, -1)], dim=1)
@@ -184,6 +200,7 @@ class AnyStoryObjective(nn.Module):
             reference_states=references,
             latent_size=latent_size,
             routing_features=routing,
+            layout_masks=layout,
             subject_valid=None if valid.all() else valid,
             target_masks=batch["target_masks"].to(tokens.device) if self.stage == 2 else None,
             gumbel_tau=self.gumbel_tau if self.stage == 2 else None,

@@ -100,6 +100,7 @@ class Trainer:
             timestep_range=config.train.timestep_range,
             subject_loss_weight=config.train.subject_loss_weight,
             match_twins=config.train.match_twins,
+            layout_routing=config.train.layout_routing,
             sample_latents=config.train.sample_latents,
         )
         self.optimizer = self._make_optimizer()
@@ -201,7 +202,7 @@ class Trainer:
             clip_mean=list(extractor.image_mean),
             clip_std=list(extractor.image_std),
             reference_size=self.adapter.config.reference_size,
-            max_subjects=1 if self.stage == 1 else min(data.max_subjects, self.adapter.config.max_subjects),
+            max_subjects=self._subjects_per_sample(),
             min_instance_fraction=data.min_instance_fraction,
             random_crop=data.random_crop,
             random_flip=data.random_flip,
@@ -210,6 +211,13 @@ class Trainer:
             shift_fraction=data.shift_fraction,
             caption_dropout=data.caption_dropout,
         )
+
+    def _subjects_per_sample(self) -> int:
+        """The paper's stage 1 sees one subject per target; stage 2, and stage 1 with
+        `layout_routing`, as many as the data and the adapter allow."""
+        if self.stage == 1 and not self.config.train.layout_routing:
+            return 1
+        return min(self.config.data.max_subjects, self.adapter.config.max_subjects)
 
     # -- checkpoints --------------------------------------------------------------------------------
 
