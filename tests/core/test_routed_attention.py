@@ -11,7 +11,7 @@ from anystory.models.routed_attention import (
     routing_loss,
     subject_attention,
 )
-from anystory.models.router import _routed_positions
+from anystory.models.router import RouterLayer, _routed_positions
 
 from .conftest import make_adapter
 
@@ -125,6 +125,27 @@ def _layer_grids(unet, latent):
 
 
 @torch.no_grad()
+def test_router_context_starts_as_the_paper_router_and_then_reads_neighbours():
+    torch.manual_seed(0)
+    routing, latent, grid = torch.randn(1, 3, 6), torch.randn(1, 16, 8), (4, 4)
+    plain, context = RouterLayer(6, 8, 16, 2), RouterLayer(6, 8, 16, 2, context_layers=2)
+    context.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.allclose(context(routing, latent, grid=grid).refined, plain(routing, latent).refined)
+
+    for conv in context.latent_context.convs:
+        torch.nn.init.normal_(conv.weight)
+    neighbour = latent.clone()
+    neighbour[0, 1] += 1.0  # position (0, 1) is next to (0, 0); (3, 3) is three cells away
+    # the coarse logits (the refined ones also see every position through the masked attention)
+    before, after = (context(routing, z, grid=grid).coarse for z in (latent, neighbour))
+    assert not torch.allclose(before[..., 0], after[..., 0])  # 2 convs: a 5 x 5 neighbourhood
+    assert torch.allclose(before[..., 15], after[..., 15])
+    plain_before, plain_after = (plain(routing, z).coarse for z in (latent, neighbour))
+    assert torch.allclose(plain_before[..., 0], plain_after[..., 0])  # the paper's: per position
+    with pytest.raises(ValueError, match="grid"):
+        context(routing, latent)
+
+
 def test_routing_isolation_per_layer(components):
     """Changing subject 2's inputs leaves both routed attentions unchanged wherever
     the hard route points to subject 1 or the background (and does change them where

@@ -11,7 +11,10 @@ from anystory.mini.diagnostics import (
     pattern_visibility,
     position_probe,
     reference_gain,
+    ridge_accuracy,
     ridge_r2,
+    router_inputs,
+    subject_cells,
     token_coordinates,
     twin_reference,
 )
@@ -69,6 +72,36 @@ def test_ridge_r2_reads_linear_structure_and_nothing_else():
     assert ridge_r2(features[:200], targets[:200], features[200:], targets[200:]) > 0.99
     noise = rng.normal(size=(400, 16))
     assert abs(ridge_r2(noise[:200], targets[:200], noise[200:], targets[200:])) < 0.1
+
+
+def test_ridge_accuracy_reads_linearly_separable_labels_and_chance_from_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=2000)
+    features = np.eye(5)[labels] @ rng.normal(size=(5, 12)) + 0.05 * rng.normal(size=(2000, 12))
+    assert ridge_accuracy(features[:1000], labels[:1000], features[1000:], labels[1000:], 5) > 0.99
+    noise = rng.normal(size=(2000, 12))
+    assert abs(ridge_accuracy(noise[:1000], labels[:1000], noise[1000:], labels[1000:], 5) - 0.2) < 0.05
+
+
+def test_subject_cells_are_the_grid_cells_a_mask_covers_at_least_half():
+    masks = np.zeros((2, 64, 64), bool)
+    masks[0, :16, :16] = True  # exactly cell (0, 0) of a 4 x 4 grid
+    masks[1, 40:64, 40:64] = True  # all of cell (3, 3), half of (2, 3) and (3, 2), a quarter of (2, 2)
+    first, second = subject_cells(masks, 4)
+    assert first.tolist() == [0] and second.tolist() == [11, 14, 15]
+    assert len(subject_cells(masks, 16)[0]) == 16
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the mini world's adapters are not trained yet")
+def test_router_probe_reads_colour_but_not_shape_from_the_shipped_u_net():
+    torch.set_num_threads(1)
+    probe = router_inputs(load_pipeline("adapter"), count=48)
+    assert probe.side == {0: 16, 1: 8, 2: 4, 3: 4, 4: 4, 5: 4, 6: 8, 7: 8, 8: 16, 9: 16}
+    eights = [block for block, side in probe.side.items() if side == 8]
+    # measured at the 8 x 8 layers (blocks 1, 6, 7): colour 1.00 / 0.95 / 0.99, shape 0.18 / 0.42 / 0.30;
+    # chance 0.17 and 0.2
+    assert min(probe.colour[b] for b in eights) > 0.85
+    assert max(probe.shape[b] for b in eights) < 0.6
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the mini world's adapters are not trained yet")

@@ -22,6 +22,14 @@ the low-resolution vision encoder resolves, so that only the ReferenceNet can ca
 subject QFormer reads to the 9 pattern bits on training identities and reports the bit
 accuracy on held-out ones (0.5: invisible, 1: fully resolved).
 
+`router_inputs` asks what the router can route by. Its maps are inner products of the
+routing features with each position's attn2 input Z^l alone (paper §3.3), so two subjects
+can be told apart only by what Z^l says at each of their cells. On the routing claim's
+held-out scenes, noised to one step, it fits a ridge classifier from Z^l at every
+subject cell (the layer's grid, masks area-downsampled as `routing_iou` does) to that
+subject's shape and to its colour, on half the scenes, and reports the accuracy on the
+others per routed layer (chance: 1/5 for shape, 1/6 for colour).
+
 `side_readings` asks where two-subject prompts go wrong, on pairs that differ in shape
 or colour (so no twin confusion is involved): it samples them with the router, without
 it and with the base alone, and reads each side's region against the caption's subject
@@ -33,29 +41,33 @@ twin prompts of Fig. 4 once with the router and once with each scene's true inst
 masks as the layout (a perfect router), and judges both like `claims.no_blending`. What
 the true masks score bounds what any router can reach with this subject encoder.
 
-    python -m anystory.mini.diagnostics [--probe gain|position|pattern|sides|layout] [--weights DIR] [--adapter adapter] [--count 48]
+    python -m anystory.mini.diagnostics [--probe gain|position|pattern|router|sides|layout] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
 
 from ..models import AnyStoryState
 from ..models.topology import transformer_blocks
 from ..pipelines.components import text_conditions, vae_latents
+from ..segment import segment
 from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
-from .claims import SEED, Group, PairVerdict, generate, judge_pair, pair_groups, single_subject_groups
+from .claims import SEED, Group, PairVerdict, generate, judge_pair, pair_groups, routing_scenes, single_subject_groups
 from .evaluator import MiniEvaluator, RegionReading
-from .world import IMAGE_SIZE, MiniWorld, Render, pattern_bits, to_tensor
+from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, Render, pattern_bits, to_tensor
 
 PROBE_TIMESTEPS = (100, 300, 500, 700)
 ARMS = ("true", "twin", "none")  # the reference given: the subject's own, a twin's, or no subject
@@ -200,6 +212,21 @@ def position_probe(pipe, count: int = 96, timesteps: tuple[int, ...] = (0, *PROB
     latents = vae_latents(pipe.vae, pixels).to(dtype)
     conditions = text_conditions(pipe, [r.caption for r in renders], tuple(pixels.shape[-2:]), device)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    r2: dict[int, dict[int, float]] = {}
+    with captured_inputs(pipe, "attn1") as inputs:
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t)).to(device, dtype)
+            step = torch.full((latents.shape[0],), t, device=device)
+            pipe.unet(scheduler.add_noise(latents, noise, step), step, **conditions)
+            r2[t] = {block: _held_out_r2(states.numpy(), renders) for block, states in inputs.items()}
+    side = {block: int(round(states.shape[1] ** 0.5)) for block, states in inputs.items()}
+    return PositionProbe(len(renders), side, r2)
+
+
+@contextmanager
+def captured_inputs(pipe, attention: str) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, the dict holds the hidden states (float, CPU) that last entered each
+    transformer block's `attention` ("attn1" or "attn2"), by block index."""
     inputs: dict[int, torch.Tensor] = {}
 
     def capture(block: int):
@@ -207,20 +234,13 @@ def position_probe(pipe, count: int = 96, timesteps: tuple[int, ...] = (0, *PROB
             inputs[block] = (args[0] if args else kwargs["hidden_states"]).float().cpu()
         return hook
 
-    handles = [b.attn1.register_forward_pre_hook(capture(i), with_kwargs=True)
+    handles = [getattr(b, attention).register_forward_pre_hook(capture(i), with_kwargs=True)
                for i, b in enumerate(transformer_blocks(pipe.unet))]
-    r2: dict[int, dict[int, float]] = {}
     try:
-        for t in timesteps:
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t)).to(device, dtype)
-            step = torch.full((latents.shape[0],), t, device=device)
-            pipe.unet(scheduler.add_noise(latents, noise, step), step, **conditions)
-            r2[t] = {block: _held_out_r2(states.numpy(), renders) for block, states in inputs.items()}
+        yield inputs
     finally:
         for handle in handles:
             handle.remove()
-    side = {block: int(round(states.shape[1] ** 0.5)) for block, states in inputs.items()}
-    return PositionProbe(len(renders), side, r2)
 
 
 def _held_out_r2(states: np.ndarray, renders: list[Render]) -> float:
@@ -234,6 +254,56 @@ def _held_out_r2(states: np.ndarray, renders: list[Render]) -> float:
     half = len(renders) // 2
     return ridge_r2(np.concatenate(features[:half]), np.concatenate(targets[:half]),
                     np.concatenate(features[half:]), np.concatenate(targets[half:]))
+
+
+@dataclass
+class RouterInputs:
+    count: int
+    step: int  # of the 25-step schedule, 0 = most noise (the routing claim's steps)
+    side: dict[int, int]  # routed layer -> its grid side
+    shape: dict[int, float]  # routed layer -> held-out accuracy, chance 0.2
+    colour: dict[int, float]  # chance 1/6
+
+
+def ridge_accuracy(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
+                   classes: int) -> float:
+    """Held-out accuracy of a one-vs-all ridge classifier (`ridge_predict` on one-hot labels)."""
+    scores = ridge_predict(train_x, np.eye(classes)[train_labels], test_x)
+    return float((scores.argmax(1) == test_labels).mean())
+
+
+def subject_cells(masks: np.ndarray, side: int) -> list[np.ndarray]:
+    """Per subject, the flat indices of the cells of a side x side grid it covers (area >= 0.5)."""
+    cover = F.interpolate(torch.from_numpy(masks).float()[None], size=(side, side), mode="area")[0] >= 0.5
+    return [np.flatnonzero(c.numpy()) for c in cover]
+
+
+@torch.no_grad()
+def router_inputs(pipe, count: int = 48, step: int = 24, steps: int = 25, seed: int = SEED) -> RouterInputs:
+    """The probe of the module docstring: fitted on the first half of the scenes."""
+    world = MiniWorld()
+    cells: dict[int, dict[str, list]] = {}
+    with captured_inputs(pipe, "attn2") as inputs:
+        for index, group in enumerate(routing_scenes(count, seed)):
+            truth = world.render(group.scenes[0])
+            segment(pipe, truth.image, group.subjects, prompt=truth.caption, strength=1 - step / steps,
+                    num_inference_steps=steps, generator=torch.Generator().manual_seed(group.seed))
+            for block, states in inputs.items():
+                found = cells.setdefault(block, {"x": [], "shape": [], "colour": [], "scene": []})
+                side = int(round(states.shape[1] ** 0.5))
+                for identity, positions in zip(group.identities, subject_cells(truth.masks, side)):
+                    found["x"].append(states[0, positions].numpy())
+                    found["shape"] += [SHAPES.index(identity.shape)] * len(positions)
+                    found["colour"] += [COLOURS.index(identity.colour)] * len(positions)
+                    found["scene"] += [index] * len(positions)
+    readings = {"shape": {}, "colour": {}}
+    for block, found in cells.items():
+        x, train = np.concatenate(found["x"]), np.array(found["scene"]) < count // 2
+        for attribute, classes in (("shape", len(SHAPES)), ("colour", len(COLOURS))):
+            labels = np.array(found[attribute])
+            readings[attribute][block] = ridge_accuracy(x[train], labels[train], x[~train], labels[~train], classes)
+    side = {block: int(round(inputs[block].shape[1] ** 0.5)) for block in cells}
+    return RouterInputs(count, step, side, readings["shape"], readings["colour"])
 
 
 SIDE_CELLS = {"router": dict(use_router=True), "no_router": dict(use_router=False), "base": dict(personalized=False)}
@@ -311,7 +381,8 @@ def layout_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe", choices=("gain", "position", "pattern", "sides", "layout"), default="gain")
+    parser.add_argument("--probe", choices=("gain", "position", "pattern", "router", "sides", "layout"), default="gain")
+    parser.add_argument("--step", type=int, default=24, help="router probe: the step of the 25 the scenes are noised to")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
@@ -324,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         result = position_probe(pipe, args.count)
     elif args.probe == "pattern":
         result = pattern_visibility(pipe)
+    elif args.probe == "router":
+        result = router_inputs(pipe, args.count, args.step)
     elif args.probe in ("sides", "layout"):
         pipe.set_progress_bar_config(disable=True)
         probe = side_readings if args.probe == "sides" else layout_readings

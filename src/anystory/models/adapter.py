@@ -43,6 +43,7 @@ class AnyStoryLayer(nn.Module):
     def __init__(
         self, dim: int, heads: int, cross_attention_dim: int, routing_dim: int,
         router_dim: int, router_heads: int, reference: bool, reference_query: bool = False,
+        router_context: int = 0,
     ):
         super().__init__()
         self.heads = heads
@@ -51,7 +52,7 @@ class AnyStoryLayer(nn.Module):
         self.reference_k = nn.Linear(dim, dim, bias=False) if reference else None
         self.reference_v = nn.Linear(dim, dim, bias=False) if reference else None
         self.reference_q = nn.Linear(dim, dim, bias=False) if reference and reference_query else None
-        self.router = RouterLayer(routing_dim, dim, router_dim, router_heads)
+        self.router = RouterLayer(routing_dim, dim, router_dim, router_heads, router_context)
 
     @torch.no_grad()
     def init_from_block(self, block: nn.Module) -> None:
@@ -86,6 +87,7 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         use_reference_net: bool = True,
         routing_from_reference: bool = False,
         reference_query: bool = False,
+        router_context: int = 0,
         reference_shift: float = 0.0,
         unconditional_references: bool = True,
     ):
@@ -110,10 +112,13 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         # position to find the same place on the reference, which a frozen Q may not
         # encode; this adds a trainable Q~ (from `to_q`, trained in stage 1) used on the
         # reference keys only, in the same softmax (`reference_attention`).
+        # Deviation, off by default (router_context > 0): that many 3 x 3 convolutions let
+        # each router read Z^l's neighbourhood, not one position (`router.LatentContext`).
         self.layers = nn.ModuleList(
             AnyStoryLayer(
                 dim, heads, cross_dim, routing_dim, router_dim, router_heads,
                 reference=use_reference_net and layer > 0, reference_query=reference_query,
+                router_context=router_context,
             )
             for layer, (dim, heads) in enumerate(shapes)
         )

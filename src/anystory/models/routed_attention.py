@@ -252,7 +252,7 @@ class RoutedCrossAttnProcessor(_RoutedProcessor):
         if state.layout_masks is not None:
             sigma = without_invalid(layout_route(state.layout_masks, grid).to(latent.dtype), state.subject_valid)
         elif state.routing_features is not None:
-            logits = self.parts.router(state.routing_features.to(latent.dtype), latent, state.entry_valid())
+            logits = self.parts.router(state.routing_features.to(latent.dtype), latent, state.entry_valid(), grid)
             sigma = hard_route(logits.refined, state.gumbel_tau)
             self._supervise_and_record(state, logits, grid)
         else:
