@@ -71,6 +71,10 @@ ADAPTER_KWARGS = dict(
 # held-out twin prompts), and with 2000 more stage-2 steps on top, both correct from 0.075
 # to 0.130 (200 held-out prompts); but single-subject fidelity fell from 0.800 to 0.680,
 # blending rose from 0.170 to 0.240 and routing IoU fell from 0.323 to 0.259, so it does not ship.
+# `router_context` (a deviation, see `anystory.models.router.LatentContext`) is not in the
+# recipe either: 2500 stage-2 steps with 2 convolutions on the shipped encoder raised routing
+# IoU from 0.323 to 0.375 and twins both correct from 0.075 to 0.200, but single-subject
+# fidelity fell from 0.800 to 0.745 (0.775 with single-subject scenes in stage 2 as well).
 STAGE_SETTINGS = {
     "stage1": dict(stage=1, batch_size=16, max_steps=28000, learning_rate=2e-4, subject_loss_weight=9.0,
                    match_twins=False, timestep_range=(300, 1000)),

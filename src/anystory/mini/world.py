@@ -544,9 +544,10 @@ class SceneDataset(WorldDataset):
 
     stream = 3
     twin_prob = 0.5
+    min_subjects = 2  # the paper's stage 2 is multi-subject; 1 was tried (docs/mini-world-training.md)
 
     def sample(self, rng: np.random.Generator) -> dict:
-        count = int(rng.integers(2, MAX_SUBJECTS + 1))
+        count = int(rng.integers(self.min_subjects, MAX_SUBJECTS + 1))
         subjects = self.world.sample_identities(rng, count, self.split, self.twin_prob)
         render = self.world.render(self.world.sample_scene(rng, subjects))
         return {
