@@ -28,8 +28,9 @@ def test_masks_are_where_the_router_sends_each_subject(pipe, monkeypatch):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     latent_size = tuple(s // pipe.vae_scale_factor for s in working_size(image.size, 32))
 
-    def halves(routing, latent, valid=None):
-        h, w = grid_size(latent.shape[1], latent_size)
+    def halves(routing, latent, valid=None, grid=None):
+        h, w = grid
+        assert grid == grid_size(latent.shape[1], latent_size)  # each router is told its layer's grid
         logits = torch.full((latent.shape[0], 3, h, w), -10.0)
         logits[:, 0, :, : w // 2] = 10
         logits[:, 1, :, w // 2 :] = 10
