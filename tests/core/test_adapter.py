@@ -226,3 +226,25 @@ def test_reference_query_starts_as_the_papers_attention_and_trains_in_stage_1(co
     adapter.detach(components["unet"])
     with pytest.raises(ValueError, match="reference_query needs the ReferenceNet"):
         AnyStoryAdapter.from_unet(components["unet"], **TINY_ADAPTER, use_reference_net=False, reference_query=True)
+
+
+@torch.no_grad()
+def test_router_context_grows_on_a_trained_adapter_that_routes_as_before(components):
+    adapter = make_adapter(components["unet"])
+    with pytest.raises(ValueError, match="router_context=0"):
+        adapter.router_context_parameters()
+    grown = adapter.with_router_context(2)
+    assert grown.config.router_context == 2
+    original = adapter.state_dict()
+    assert all(torch.equal(grown.state_dict()[k], v) for k, v in original.items())
+    new = [k for k in grown.state_dict() if k not in original]
+    assert new and all(".latent_context." in k for k in new)
+    assert {id(p) for p in grown.router_context_parameters()} == {
+        id(p) for k, p in grown.named_parameters() if k in new}
+    torch.manual_seed(0)
+    routing = torch.randn(1, 3, TINY_ADAPTER["routing_dim"])
+    for before, after in zip(adapter.layers, grown.layers):
+        latent = torch.randn(1, 16, before.subject_k.out_features)
+        assert torch.equal(after.router(routing, latent, grid=(4, 4)).refined, before.router(routing, latent).refined)
+    with pytest.raises(ValueError, match="already has router context"):
+        grown.with_router_context(1)

@@ -124,16 +124,28 @@ def _layer_grids(unet, latent):
     return [grid_size(lengths[l], latent) for l in range(len(blocks))]
 
 
-@torch.no_grad()
-def test_router_context_starts_as_the_paper_router_and_then_reads_neighbours():
+def _paper_router_and_its_context_twin(batch: int):
+    """Two subjects and the background on a 4 x 4 grid; a paper router and one with two
+    context convolutions sharing its weights (the convolutions as initialised)."""
     torch.manual_seed(0)
-    routing, latent, grid = torch.randn(1, 3, 6), torch.randn(1, 16, 8), (4, 4)
+    routing, latent = torch.randn(batch, 3, 6), torch.randn(batch, 16, 8)
     plain, context = RouterLayer(6, 8, 16, 2), RouterLayer(6, 8, 16, 2, context_layers=2)
     context.load_state_dict(plain.state_dict(), strict=False)
+    return routing, latent, plain, context
+
+
+def _randomize_context(router: RouterLayer) -> None:
+    for conv in router.latent_context.convs:
+        torch.nn.init.normal_(conv.weight)
+
+
+@torch.no_grad()
+def test_router_context_starts_as_the_paper_router_and_then_reads_neighbours():
+    routing, latent, plain, context = _paper_router_and_its_context_twin(1)
+    grid = (4, 4)
     assert torch.allclose(context(routing, latent, grid=grid).refined, plain(routing, latent).refined)
 
-    for conv in context.latent_context.convs:
-        torch.nn.init.normal_(conv.weight)
+    _randomize_context(context)
     neighbour = latent.clone()
     neighbour[0, 1] += 1.0  # position (0, 1) is next to (0, 0); (3, 3) is three cells away
     # the coarse logits (the refined ones also see every position through the masked attention)
@@ -144,6 +156,21 @@ def test_router_context_starts_as_the_paper_router_and_then_reads_neighbours():
     assert torch.allclose(plain_before[..., 0], plain_after[..., 0])  # the paper's: per position
     with pytest.raises(ValueError, match="grid"):
         context(routing, latent)
+
+
+@torch.no_grad()
+def test_router_context_is_used_only_for_samples_with_two_or_more_subjects():
+    routing, latent, plain, context = _paper_router_and_its_context_twin(2)
+    grid = (4, 4)
+    _randomize_context(context)
+    # sample 0 routes two subjects; sample 1 only its first (its second is padding)
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    mixed = context(routing, latent, valid, grid).coarse
+    reference = plain(routing, latent, valid).coarse
+    assert not torch.allclose(mixed[0], reference[0])
+    assert torch.equal(mixed[1], reference[1])
+    one_subject = context(routing[:, ::2], latent, grid=grid).coarse  # no valid mask: N = 1
+    assert torch.equal(one_subject, plain(routing[:, ::2], latent).coarse)
 
 
 def test_routing_isolation_per_layer(components):

@@ -176,7 +176,8 @@ def test_stage2_records_label_twins_as_one_group():
 
 def test_stage_configs_sample_late_timesteps_in_stage_1_and_start_stage_2_from_it(tmp_path):
     """Stage 1 trains copying where the pattern is still undecided (t >= 300); stage 2
-    routes at every timestep the sampler visits, from stage 1's adapter."""
+    routes at every timestep the sampler visits, from stage 1's adapter; its context
+    phase trains the router's convolutions alone, on stage 2's router."""
     from anystory.mini.stages import stage_config
     from anystory.training.config import config_from_dict
 
@@ -185,6 +186,10 @@ def test_stage_configs_sample_late_timesteps_in_stage_1_and_start_stage_2_from_i
     assert first.model.adapter_kwargs["reference_query"] and first.model.adapter_kwargs["use_reference_net"]
     assert second.train.timestep_range is None and second.model.adapter == str(tmp_path / "stage1" / "adapter")
     assert not first.train.layout_routing  # the paper's stage 1: one subject, routed everywhere
+    assert not second.model.add_router_context and not second.train.router_context_only  # the paper's router
+    context = config_from_dict(stage_config("stage2_context", tmp_path))
+    assert context.model.adapter == str(tmp_path / "stage2" / "adapter")  # on top of the trained router
+    assert context.model.add_router_context == 2 and context.train.router_context_only
     clip_only = config_from_dict(stage_config("stage1_clip_only", tmp_path)).model.adapter_kwargs
     assert not clip_only["use_reference_net"] and not clip_only["routing_from_reference"]
     assert not clip_only["reference_query"]  # AnyStoryAdapter refuses it without a ReferenceNet

@@ -15,7 +15,7 @@ def records(stage: int, count: int = 16, seed: int = 0):
     return pair_records(count, seed) if stage == 1 else scene_records(count, seed)
 
 
-def trained_groups(adapter: AnyStoryAdapter, stage: int) -> dict[str, list[torch.nn.Parameter]]:
+def trained_groups(adapter: AnyStoryAdapter, stage: int, context_only: bool = False) -> dict[str, list[torch.nn.Parameter]]:
     if stage == 1:
         layers = adapter.layers
         return {
@@ -24,17 +24,23 @@ def trained_groups(adapter: AnyStoryAdapter, stage: int) -> dict[str, list[torch
             "subject_kv": [p for l in layers for p in (l.subject_k.weight, l.subject_v.weight)],
             "reference_kv": [p for l in layers[1:] for p in (l.reference_k.weight, l.reference_v.weight)],
         }
+    if context_only:
+        return {"router_context": [p for l in adapter.layers for p in l.router.latent_context.parameters()]}
     return {
         "routing_qformer": list(adapter.routing_qformer.parameters()),
         "router": [p for l in adapter.layers for p in l.router.parameters()],
     }
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_only_the_stage_group_trains_and_the_export_loads(tmp_path, stage):
-    trainer = Trainer(tiny_config(stage, tmp_path, "train.max_steps=3", "train.learning_rate=1e-3"), stage, source=records(stage))
+CONTEXT_ONLY = ("model.adapter_kwargs={router_context: 2}", "train.router_context_only=true")
+
+
+@pytest.mark.parametrize("stage, overrides", [(1, ()), (2, ()), (2, CONTEXT_ONLY)], ids=["stage1", "stage2", "context_only"])
+def test_only_the_stage_group_trains_and_the_export_loads(tmp_path, stage, overrides):
+    config = tiny_config(stage, tmp_path, "train.max_steps=3", "train.learning_rate=1e-3", *overrides)
+    trainer = Trainer(config, stage, source=records(stage))
     pipe, adapter = trainer.pipeline, trainer.adapter
-    groups = trained_groups(adapter, stage)
+    groups = trained_groups(adapter, stage, context_only=bool(overrides))
     trained_ids = {id(p) for group in groups.values() for p in group}
     adapter_ids = {id(p) for p in adapter.parameters()}  # the U-Net also lists them, through its processors
     frozen = {f"{name}.{k}": p for name in FROZEN for k, p in getattr(pipe, name).named_parameters() if id(p) not in adapter_ids}
@@ -54,6 +60,15 @@ def test_only_the_stage_group_trains_and_the_export_loads(tmp_path, stage):
     assert loaded.config.router_trained == (stage == 2)
     for (name, mine), theirs in zip(adapter.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(mine, theirs), name
+
+
+def test_router_context_is_added_to_a_loaded_adapter_and_keeps_its_weights(tmp_path):
+    export = Trainer(tiny_config(2, tmp_path / "first", "train.max_steps=1"), 2, source=records(2)).train()
+    config = tiny_config(2, tmp_path / "second", f"model.adapter={export}", "model.add_router_context=2", *CONTEXT_ONLY[1:])
+    adapter = Trainer(config, 2, source=records(2)).adapter
+    loaded = AnyStoryAdapter.from_pretrained(export).state_dict()
+    assert adapter.config.router_context == 2
+    assert all(torch.equal(adapter.state_dict()[k], v) for k, v in loaded.items())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):

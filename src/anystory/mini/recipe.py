@@ -19,10 +19,10 @@ thread, and with two where it was run so):
 - assemble: the `StableDiffusionXLPipeline` folder (fp16) in `<weights>/base`, with
   `image_encoder` and `feature_extractor`, plus a sample grid for a look;
 - evaluator (1000, ~6 min): the ground-truth-only evaluator, in `<weights>/evaluator`;
-- stage1, stage1_clip_only, stage2, ship: AnyStory itself (`anystory.mini.stages`;
-  28000, 7000 and 2500 steps at about 0.6 (0.45 with 2 threads), 0.45 and 1.0 (0.7 with
-  2 threads) s/step, ~4.5 h, ~50 min and ~45 min), then the adapters into `<weights>` in
-  fp16;
+- stage1, stage1_clip_only, stage2, stage2_context, ship: AnyStory itself
+  (`anystory.mini.stages`; 28000, 7000, 2500 and 2500 steps at about 0.6 (0.45 with 2
+  threads), 0.45, 1.0 (0.7 with 2 threads) and 0.6 with 2 threads s/step, ~4.5 h, ~50 min,
+  ~45 min and ~25 min), then the adapters into `<weights>` in fp16;
 - calibrate (~9 min): the shipped adapter's sampling settings (gamma, and what CFG's
   unconditional branch keeps), chosen on training identities (`anystory.mini.calibration`)
   and written into its config.
@@ -368,7 +368,9 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
         "  with Karras sigmas, and a CLIP vision encoder (`image_encoder`, 16x16 input) with",
         "  its `feature_extractor`.",
         "- `adapter/`: the AnyStory adapter (`anystory.mini.stages`: stage 1, then stage 2 on",
-        "  top), trained with the project's `Trainer` on the world's pairs and scenes; its",
+        "  top, then `stage2_context`: the `router_context` deviation's convolutions trained on",
+        "  stage 2's router, used in scenes of two or more subjects only), trained with the",
+        "  project's `Trainer` on the world's pairs and scenes; its",
         "  config's `reference_shift` and `unconditional_references` are sampling settings",
         "  chosen on training identities (phase `calibrate`, `anystory.mini.calibration`).",
         "- `adapter_clip_only/`: the paper's CLIP-only ablation (stage 1 without ReferenceNet).",
@@ -418,7 +420,7 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     """Copy the trained adapters into `weights/` in fp16 (the full one and the ablation)."""
     from ..models import AnyStoryAdapter
 
-    for phase, name in (("stage2", "adapter"), ("stage1_clip_only", "adapter_clip_only")):
+    for phase, name in (("stage2_context", "adapter"), ("stage1_clip_only", "adapter_clip_only")):
         source = out / phase / "adapter"
         if source.exists():
             AnyStoryAdapter.from_pretrained(source).to(torch.float16).save_pretrained(weights / name)
@@ -478,7 +480,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
         raise ValueError(f"unknown phase {phase!r}")
 
 
-STAGES = ("stage1", "stage2", "stage1_clip_only")  # AnyStory itself, with the project's Trainer
+STAGES = ("stage1", "stage2", "stage2_context", "stage1_clip_only")  # AnyStory itself, with the project's Trainer
 PHASES = ("vae", "base", "vision", "evaluator", "assemble", *STAGES, "ship", "calibrate")
 
 

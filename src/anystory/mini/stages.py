@@ -5,7 +5,9 @@ the world's samples as `Record`s and started from the bundled base models:
 
 - stage1: the subject encoder on pairs (one identity in two contexts);
 - stage1_clip_only: the same without a ReferenceNet (the paper's CLIP-only ablation);
-- stage2: the router on 2-3 subject scenes, starting from the stage-1 adapter.
+- stage2: the router on 2-3 subject scenes, starting from the stage-1 adapter;
+- stage2_context: the `router_context` deviation on top of stage 2's router, its
+  convolutions alone trained on the same scenes (single-subject routing stays stage 2's).
 
 A stage-1 phase run with the override `train.layout_routing=true` trains on scenes of 1-3
 subjects (`ScenePairRecords`), each routed to its own mask: an experiment, not part of
@@ -71,17 +73,22 @@ ADAPTER_KWARGS = dict(
 # held-out twin prompts), and with 2000 more stage-2 steps on top, both correct from 0.075
 # to 0.130 (200 held-out prompts); but single-subject fidelity fell from 0.800 to 0.680,
 # blending rose from 0.170 to 0.240 and routing IoU fell from 0.323 to 0.259, so it does not ship.
-# `router_context` (a deviation, see `anystory.models.router.LatentContext`) is not in the
-# recipe either: 2500 stage-2 steps with 2 convolutions on the shipped encoder raised routing
-# IoU from 0.323 to 0.375 and twins both correct from 0.075 to 0.200, but single-subject
-# fidelity fell from 0.800 to 0.745 (0.775 with single-subject scenes in stage 2 as well).
+# `router_context` (a deviation, see `anystory.models.router.LatentContext`) is its own
+# phase, stage2_context, on top of stage 2's trained router, its convolutions trained alone
+# and used only where two or more subjects are routed: 2500 stage-2 steps with 2 of them
+# from a fresh router raised routing IoU from 0.323 to 0.375 and twins both correct from
+# 0.075 to 0.200, but single-subject fidelity fell from 0.800 to 0.745 (0.755 when the
+# router's own weights trained on with the context skipped for one subject). On top, alone:
+# 0.364 and 0.185, blending 0.170 -> 0.120, fidelity 0.800 (docs/mini-world-training.md).
 STAGE_SETTINGS = {
     "stage1": dict(stage=1, batch_size=16, max_steps=28000, learning_rate=2e-4, subject_loss_weight=9.0,
-                   match_twins=False, timestep_range=(300, 1000)),
+                   match_twins=False, timestep_range=(300, 1000), starts_from=None, add_router_context=0),
     "stage1_clip_only": dict(stage=1, batch_size=16, max_steps=7000, learning_rate=2e-4, subject_loss_weight=9.0,
-                   match_twins=False, timestep_range=(300, 1000)),
+                   match_twins=False, timestep_range=(300, 1000), starts_from=None, add_router_context=0),
     "stage2": dict(stage=2, batch_size=16, max_steps=2500, learning_rate=2e-4, subject_loss_weight=0.0,
-                   match_twins=True, timestep_range=None),
+                   match_twins=True, timestep_range=None, starts_from="stage1", add_router_context=0),
+    "stage2_context": dict(stage=2, batch_size=16, max_steps=2500, learning_rate=2e-4, subject_loss_weight=0.0,
+                   match_twins=True, timestep_range=None, starts_from="stage2", add_router_context=2),
 }
 
 
@@ -146,19 +153,20 @@ def stage_config(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | 
     adapter_kwargs = dict(ADAPTER_KWARGS, use_reference_net=not clip_only)
     for option in ("routing_from_reference", "reference_query"):  # both act on the ReferenceNet
         adapter_kwargs[option] &= not clip_only
-    start = out / "stage1" / "adapter" if settings["stage"] == 2 else init_adapter
+    start = out / settings["starts_from"] / "adapter" if settings["starts_from"] else init_adapter
     return {
         "model": {
             "base": str(base), "image_encoder": str(base / "image_encoder"),
             "adapter": str(start) if start else None,
-            "adapter_kwargs": adapter_kwargs,
+            "adapter_kwargs": adapter_kwargs, "add_router_context": settings["add_router_context"],
         },
         "data": {"resolution": IMAGE_SIZE, "bucketing": False, "random_crop": False, "max_subjects": 3},
         "train": {
             "batch_size": settings["batch_size"], "max_steps": steps or settings["max_steps"],
             "learning_rate": settings["learning_rate"], "lr_warmup_steps": 100, "lr_scheduler": "constant_with_warmup",
             "subject_loss_weight": settings["subject_loss_weight"], "match_twins": settings["match_twins"],
-            "timestep_range": settings["timestep_range"], "seed": 0,
+            "timestep_range": settings["timestep_range"], "router_context_only": settings["add_router_context"] > 0,
+            "seed": 0,
         },
         "output": {
             "dir": str(out / phase), "checkpoint_every": 100, "checkpoints_total_limit": 2, "log_every": 25,
@@ -176,7 +184,7 @@ def train_stage(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | N
     for override in overrides or []:
         apply_override(raw, override)
     config = config_from_dict(raw)
-    source = SceneRecords() if phase == "stage2" else ScenePairRecords() if config.train.layout_routing else PairRecords()
+    source = SceneRecords() if STAGE_SETTINGS[phase]["stage"] == 2 else ScenePairRecords() if config.train.layout_routing else PairRecords()
     start = time.monotonic()
     adapter = Trainer(config, STAGE_SETTINGS[phase]["stage"], source=source).train()
     report = {"steps": config.train.max_steps, "batch_size": config.train.batch_size,

@@ -139,6 +139,18 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
             layer.init_from_block(block)
         return adapter if adapter.dtype == unet.dtype else adapter.to(unet.dtype)
 
+    def with_router_context(self, layers: int) -> "AnyStoryAdapter":
+        """A copy with `layers` router-context convolutions added (`router.LatentContext`),
+        to be trained on top of this adapter's router; their last one starts at zero, so
+        the copy routes exactly as this adapter until trained."""
+        if self.config.router_context:
+            raise ValueError(f"this adapter already has router context (router_context={self.config.router_context})")
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        with torch.device(self.device):
+            grown = type(self)(**{**config, "router_context": layers}).to(self.dtype)
+        grown.load_state_dict(self.state_dict(), strict=False)  # every key but the new convolutions
+        return grown
+
     # -- the parameter groups of the two training stages --------------------------------
 
     def subject_encoder_parameters(self) -> list[nn.Parameter]:
@@ -159,6 +171,13 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
             *self.routing_qformer.parameters(), *extra,
             *(p for layer in self.layers for p in layer.router.parameters()),
         ]
+
+    def router_context_parameters(self) -> list[nn.Parameter]:
+        """Stage 2 on a trained router: the `router_context` convolutions alone. Single-subject
+        routing never uses them, so it stays exactly the trained router's."""
+        if not self.config.router_context:
+            raise ValueError("this adapter has no router context (router_context=0) to train")
+        return [p for layer in self.layers for p in layer.router.latent_context.parameters()]
 
     # -- attaching to a U-Net ----------------------------------------------------------------
 

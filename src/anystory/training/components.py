@@ -33,7 +33,8 @@ def load_base_components(config: ModelConfig) -> dict:
 def load_adapter(config: ModelConfig, components: dict, stage: int) -> AnyStoryAdapter:
     """The adapter to train: loaded from `model.adapter`, or fresh from the U-Net (stage 1)."""
     if config.adapter is not None:
-        return AnyStoryAdapter.from_pretrained(config.adapter)
+        adapter = AnyStoryAdapter.from_pretrained(config.adapter)
+        return adapter.with_router_context(config.add_router_context) if config.add_router_context else adapter
     if stage == 2:
         logger.warning("stage 2 without model.adapter: the subject encoder is untrained (fine for tests only)")
     kwargs = dict(TINY_ADAPTER_KWARGS) if config.base == "tiny" else {}

@@ -26,6 +26,7 @@ class ModelConfig:
     image_encoder: str | None = None  # CLIP vision encoder folder (not needed for "tiny")
     adapter: str | None = None  # adapter folder to start from (stage 2: the stage-1 export)
     adapter_kwargs: dict = field(default_factory=dict)  # AnyStoryAdapter.from_unet options (fresh stage 1)
+    add_router_context: int = 0  # stage 2: router_context convolutions added to the loaded adapter
     seed: int = 0  # weights seed of the "tiny" components
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     subject_loss_weight: float = 0.0  # extra diffusion-loss weight on subject pixels; 0: the paper's plain loss
     match_twins: bool = False  # stage 2: same-group subjects (Record.subject_groups) may trade masks in L_route
     layout_routing: bool = False  # stage 1: up to data.max_subjects subjects, each routed to its target mask
+    router_context_only: bool = False  # stage 2: train only the router_context convolutions, on a trained router
     sample_latents: bool = True  # target latents: a posterior sample (usual) or its mode (random test VAEs)
     find_unused_parameters: bool = True  # DDP: the ReferenceNet's tail after its last capture gets no gradient
     seed: int = 0

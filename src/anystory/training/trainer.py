@@ -158,7 +158,9 @@ class Trainer:
             if components.get(name) is not None:
                 components[name].requires_grad_(False)
         self.adapter.requires_grad_(False)
-        trainable = self.adapter.subject_encoder_parameters() if self.stage == 1 else self.adapter.router_parameters()
+        trainable = self.adapter.subject_encoder_parameters() if self.stage == 1 else (
+            self.adapter.router_context_parameters() if self.config.train.router_context_only
+            else self.adapter.router_parameters())
         for parameter in trainable:
             parameter.requires_grad_(True)
         self.adapter.train()
