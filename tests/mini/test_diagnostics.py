@@ -1,19 +1,23 @@
 """The probes: the reference gain (its control, the twin reference, and its plumbing) and
-the position probe (its coordinates, its regression, and a real reading)."""
+the position probe (its coordinates, its regression, and a real reading), and the routing
+claim's model-free ceilings."""
 
 import numpy as np
 import pytest
 import torch
 
 from anystory.mini import WEIGHTS_DIR, load_pipeline
-from anystory.mini.claims import single_subject_groups
+from anystory.mini.claims import has_twins, routing_scenes, single_subject_groups
 from anystory.mini.diagnostics import (
+    chance_iou,
+    noise_matched,
     pattern_visibility,
     position_probe,
     reference_gain,
     ridge_accuracy,
     ridge_r2,
     router_inputs,
+    routing_ceilings,
     subject_cells,
     token_coordinates,
     twin_reference,
@@ -90,6 +94,32 @@ def test_subject_cells_are_the_grid_cells_a_mask_covers_at_least_half():
     first, second = subject_cells(masks, 4)
     assert first.tolist() == [0] and second.tolist() == [11, 14, 15]
     assert len(subject_cells(masks, 16)[0]) == 16
+
+
+def test_chance_iou_splits_each_subject_among_those_a_router_cannot_tell_apart():
+    twins = [Identity("circle", "red", 1), Identity("circle", "red", 3), Identity("square", "blue", 1)]
+    by_attributes = lambda i: (i.shape, i.colour)  # noqa: E731
+    assert chance_iou(twins, by_attributes) == pytest.approx((0.5 + 0.5 + 1) / 3)
+    same_colour = [Identity("circle", "red", 1), Identity("square", "red", 1)]
+    assert chance_iou(same_colour, by_attributes) == 1.0
+    assert chance_iou(same_colour, lambda i: (i.colour,)) == 0.5
+
+
+def test_noise_matched_reads_each_step_at_a_lower_sigma_and_clamps_past_the_last():
+    sigmas = np.array([8.0, 4.0, 2.0, 1.0, 0.0])  # a scheduler's sigmas end with 0
+    assert noise_matched([0.0, 1.0, 2.0, 3.0], sigmas, ratio=1) == pytest.approx([0, 1, 2, 3])
+    assert noise_matched([0.0, 1.0, 2.0, 3.0], sigmas, ratio=2) == pytest.approx([1, 2, 3, 3])
+    assert noise_matched([0.0, 1.0, 2.0, 3.0], sigmas, ratio=2 ** 0.5)[0] == pytest.approx(0.5)
+
+
+def test_routing_ceilings_fall_below_one_exactly_as_the_scenes_hold_twins():
+    casts = [group.identities for group in routing_scenes(16)]
+    ceilings = routing_ceilings(16, per_step=[0.1] * 25)
+    with_twins = sum(has_twins(c) for c in casts)
+    assert 0 < with_twins < 16 and ceilings.twins_at_chance < 1
+    assert ceilings.twins_at_chance <= 1 - with_twins / 16 * (1 - 2 / 3)  # a scene with twins scores <= 2/3
+    assert ceilings.colour_at_chance <= ceilings.twins_at_chance  # twins always share their colour
+    assert ceilings.sdxl_noise_mean == pytest.approx(0.1)
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the mini world's adapters are not trained yet")

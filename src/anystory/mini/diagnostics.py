@@ -41,14 +41,26 @@ twin prompts of Fig. 4 once with the router and once with each scene's true inst
 masks as the layout (a perfect router), and judges both like `claims.no_blending`. What
 the true masks score bounds what any router can reach with this subject encoder.
 
-    python -m anystory.mini.diagnostics [--probe gain|position|pattern|router|sides|layout] [--weights DIR] [--adapter adapter] [--count 48]
+`routing_ceilings` asks what the routing claim's measure allows at all, with no model:
+the mean IoU of a router that finds every subject's cells exactly but tells some
+subjects apart only at chance, on the claim's own scenes. Twins differ only in the
+pattern, which the world makes invisible to the vision encoder the routing features
+come from, so the best such a router can expect for each twin is 1/2 (the pair's two
+regions given the right way round or swapped). A router that reads only colour per
+position (what `router_inputs` finds in the mini U-Net) can expect 1/k for a subject
+sharing its colour with k - 1 others. Given a claims file, it also reads the measured
+refined IoU per step at the noise level SDXL's 128 x 128 latent would see: at one
+sigma, a subject of the same share of the image covers 64 times as many latent cells
+there, so its mean holds the noise of sigma / 8 here.
+
+    python -m anystory.mini.diagnostics [--probe gain|position|pattern|router|sides|layout|ceilings] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -67,7 +79,8 @@ from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
 from .claims import SEED, Group, PairVerdict, generate, judge_pair, pair_groups, routing_scenes, single_subject_groups
 from .evaluator import MiniEvaluator, RegionReading
-from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, Render, pattern_bits, to_tensor
+from .models import build_sampling_scheduler
+from .world import COLOURS, IMAGE_SIZE, SHAPES, Identity, MiniWorld, Render, pattern_bits, to_tensor
 
 PROBE_TIMESTEPS = (100, 300, 500, 700)
 ARMS = ("true", "twin", "none")  # the reference given: the subject's own, a twin's, or no subject
@@ -306,6 +319,45 @@ def router_inputs(pipe, count: int = 48, step: int = 24, steps: int = 25, seed: 
     return RouterInputs(count, step, side, readings["shape"], readings["colour"])
 
 
+@dataclass
+class RoutingCeilings:
+    count: int
+    twins_at_chance: float  # exact cells, twins given the right way round half the time
+    colour_at_chance: float  # exact cells, same-colour subjects told apart at chance
+    sdxl_noise_per_step: list[float] | None  # measured per-step IoU read at sigma / SDXL_LATENT_RATIO
+    sdxl_noise_mean: float | None
+
+
+SDXL_LATENT_RATIO = 8  # SDXL's 128 x 128 latent against the mini world's 16 x 16
+
+
+def chance_iou(identities: Sequence[Identity], key: Callable[[Identity], tuple]) -> float:
+    """Mean over the subjects of 1 / (how many subjects share its `key`): the expected
+    IoU of exact regions handed out at random among the subjects a router cannot tell apart."""
+    keys = [key(i) for i in identities]
+    return float(np.mean([1 / keys.count(k) for k in keys]))
+
+
+def noise_matched(per_step: Sequence[float], sigmas: np.ndarray, ratio: float = SDXL_LATENT_RATIO) -> list[float]:
+    """`per_step` (IoU at each sampling sigma, most noise first) read by log-sigma
+    interpolation at sigma / ratio; below the last sigma, the last step's value."""
+    log_sigma = np.log(sigmas[: len(per_step)])[::-1]
+    return list(np.interp(np.log(sigmas[: len(per_step)] / ratio), log_sigma, np.asarray(per_step)[::-1]))
+
+
+def routing_ceilings(count: int = 200, per_step: Sequence[float] | None = None, seed: int = SEED) -> RoutingCeilings:
+    """The module docstring's model-free bounds on the routing claim's scenes."""
+    casts = [group.identities for group in routing_scenes(count, seed)]
+    twins = float(np.mean([chance_iou(c, lambda i: (i.shape, i.colour)) for c in casts]))
+    colour = float(np.mean([chance_iou(c, lambda i: (i.colour,)) for c in casts]))
+    matched = None
+    if per_step is not None:
+        scheduler = build_sampling_scheduler()
+        scheduler.set_timesteps(len(per_step))
+        matched = noise_matched(per_step, scheduler.sigmas.numpy())
+    return RoutingCeilings(count, twins, colour, matched, float(np.mean(matched)) if matched else None)
+
+
 SIDE_CELLS = {"router": dict(use_router=True), "no_router": dict(use_router=False), "base": dict(personalized=False)}
 
 
@@ -381,15 +433,21 @@ def layout_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe", choices=("gain", "position", "pattern", "router", "sides", "layout"), default="gain")
+    parser.add_argument("--probe", choices=("gain", "position", "pattern", "router", "sides", "layout", "ceilings"), default="gain")
     parser.add_argument("--step", type=int, default=24, help="router probe: the step of the 25 the scenes are noised to")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
     parser.add_argument("--subject-scale", type=float, default=1.0, help="eta; 0 probes the ReferenceNet alone")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--claims", type=Path, help="ceilings probe: a claims.json of `anystory mini evaluate` "
+                        "whose per-step routing to read at SDXL's noise")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.probe == "ceilings":
+        per_step = json.loads(args.claims.read_text())["routing"]["result"]["refined_per_step"] if args.claims else None
+        print(json.dumps(asdict(routing_ceilings(args.count, per_step)), indent=2))
+        return
     pipe = load_pipeline(args.adapter, args.weights)
     if args.probe == "position":
         result = position_probe(pipe, args.count)
