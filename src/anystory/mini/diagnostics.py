@@ -20,7 +20,11 @@ held-out R^2 per transformer block and timestep (1: fully readable, 0: not at al
 the low-resolution vision encoder resolves, so that only the ReferenceNet can carry it
 (the CLIP-only ablation's handicap). It fits a ridge classifier from the CLIP states the
 subject QFormer reads to the 9 pattern bits on training identities and reports the bit
-accuracy on held-out ones (0.5: invisible, 1: fully resolved).
+accuracy on held-out ones (0.5: invisible, 1: fully resolved). Beside it, the same
+readout of the encoder's own input pixels, at its input size and smaller: what any
+encoder of that resolution could resolve, in the flip-invariant bits the states are read
+in (a linear map cannot undo a mirror image, so these stay below 1) and in the bits as
+the image shows them.
 
 `router_inputs` asks what the router can route by. Its maps are inner products of the
 routing features with each position's attn2 input Z^l alone (paper §3.3), so two subjects
@@ -185,31 +189,56 @@ def ridge_r2(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     return float((1.0 - residual / ((test_y - test_y.mean(0)) ** 2).sum(0)).mean())
 
 
+PIXEL_SIZES = (16, 8, 4)  # CLIP input sizes whose raw pixels the pattern probe reads
+
+
 @dataclass
 class PatternVisibility:
     train: int
     held_out: int
     bit_accuracy: float  # held-out identities, chance 0.5
+    pixel_bit_accuracy: dict[int, float]  # input size -> the same bits read from the crop's pixels
+    pixel_image_bit_accuracy: dict[int, float]  # input size -> the bits as the image shows them
+
+
+@dataclass
+class _PatternSamples:
+    states: np.ndarray  # (n, tokens * width) the CLIP states the QFormer reads
+    pixels: dict[int, np.ndarray]  # size -> (n, 3 * size * size) the encoder's input at that size
+    bits: np.ndarray  # (n, 9) flip-invariant (the identity's canonical pattern)
+    image_bits: np.ndarray  # (n, 9) as drawn (mirrored in flipped subjects)
 
 
 @torch.no_grad()
 def pattern_visibility(pipe, train: int = 1500, held_out: int = 400, seed: int = SEED) -> PatternVisibility:
     """The premise check of the module docstring: renders of single subjects, segmented as
     a user's references are, through the pipeline's own CLIP path."""
-    (train_x, train_bits), (test_x, test_bits) = (
-        _clip_pattern_samples(pipe, split, n, seed + i) for i, (split, n) in enumerate((("train", train), ("held_out", held_out)))
+    fit, test = (_pattern_samples(pipe, split, n, seed + i)
+                 for i, (split, n) in enumerate((("train", train), ("held_out", held_out))))
+    return PatternVisibility(
+        train, held_out, _bit_accuracy(fit.states, fit.bits, test.states, test.bits),
+        {size: _bit_accuracy(fit.pixels[size], fit.bits, test.pixels[size], test.bits) for size in PIXEL_SIZES},
+        {size: _bit_accuracy(fit.pixels[size], fit.image_bits, test.pixels[size], test.image_bits) for size in PIXEL_SIZES},
     )
+
+
+def _bit_accuracy(train_x: np.ndarray, train_bits: np.ndarray, test_x: np.ndarray, test_bits: np.ndarray) -> float:
     predicted = ridge_predict(train_x, train_bits * 2.0 - 1.0, test_x)
-    return PatternVisibility(train, held_out, float(((predicted > 0) == test_bits.astype(bool)).mean()))
+    return float(((predicted > 0) == test_bits.astype(bool)).mean())
 
 
-def _clip_pattern_samples(pipe, split: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _pattern_samples(pipe, split: str, count: int, seed: int) -> _PatternSamples:
     world, rng = MiniWorld(), np.random.default_rng(seed)
     renders = [world.render(world.sample_scene(rng, world.sample_identities(rng, 1, split)))
                for _ in range(count)]
     subjects = [Subject(Image.fromarray(r.image), r.masks[0]) for r in renders]
     states = pipe._clip_states(subjects, pipe._execution_device)[:-1].float().flatten(1).cpu().numpy()
-    return states, np.stack([pattern_bits(r.scene.placements[0].identity.pattern) for r in renders])
+    mean, std = pipe.feature_extractor.image_mean, pipe.feature_extractor.image_std
+    pixels = {size: torch.stack([s.clip_pixels(size, mean, std) for s in subjects]).flatten(1).numpy()
+              for size in PIXEL_SIZES}
+    placements = [r.scene.placements[0] for r in renders]
+    return _PatternSamples(states, pixels, np.stack([pattern_bits(p.identity.pattern) for p in placements]),
+                           np.stack([pattern_bits(p.image_pattern) for p in placements]))
 
 
 @torch.no_grad()
