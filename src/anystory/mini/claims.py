@@ -192,15 +192,16 @@ def generate(pipe, group: Group, personalized: bool = True, use_router: bool | N
     generator = torch.Generator().manual_seed(group.seed)
     if not personalized:
         output = pipe(group.prompts, generator=generator, **SAMPLING)
-        return Generation(_uint8(output.images))
+        return Generation(uint8_images(output.images))
     record = use_router is not False and len(group.identities) > 1
     output = pipe(group.prompts, subjects=group.subjects, use_router=use_router, generator=generator,
                   return_routing_maps=record, **SAMPLING, **options)
     maps = output.routing_maps.mean("refined")[-1] if record and output.routing_maps.refined else None
-    return Generation(_uint8(output.images), maps)
+    return Generation(uint8_images(output.images), maps)
 
 
-def _uint8(images: np.ndarray) -> np.ndarray:
+def uint8_images(images: np.ndarray) -> np.ndarray:
+    """Pipeline images (float in [0, 1]) as the evaluator reads them."""
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 

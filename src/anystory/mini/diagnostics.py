@@ -45,6 +45,14 @@ twin prompts of Fig. 4 once with the router and once with each scene's true inst
 masks as the layout (a perfect router), and judges both like `claims.no_blending`. What
 the true masks score bounds what any router can reach with this subject encoder.
 
+`fixed_layout_readings` takes the base's layout out of the twin prompts: each scene is
+drawn with its subjects' bodies in plain colour (no pattern), noised to a step of the
+schedule and sampled from there, so that every subject is where its mask says from the
+first step on. It reads each twin in the region over its own mask, with both references
+(true masks or the router) and with the first reference alone: beside the other twin's
+plain body or in a scene of its own, under the pair's caption or its own. What the
+alone cells lose against each other tells what a second subject costs the copying.
+
 `routing_ceilings` asks what the routing claim's measure allows at all, with no model:
 the mean IoU of a router that finds every subject's cells exactly but tells some
 subjects apart only at chance, on the claim's own scenes. Twins differ only in the
@@ -57,7 +65,7 @@ refined IoU per step at the noise level SDXL's 128 x 128 latent would see: at on
 sigma, a subject of the same share of the image covers 64 times as many latent cells
 there, so its mean holds the noise of sigma / 8 here.
 
-    python -m anystory.mini.diagnostics [--probe gain|position|pattern|router|sides|layout|ceilings] [--weights DIR] [--adapter adapter] [--count 48]
+    python -m anystory.mini.diagnostics [--probe gain|position|pattern|router|sides|layout|fixed|ceilings] [--weights DIR] [--adapter adapter] [--count 48]
 """
 
 from __future__ import annotations
@@ -81,10 +89,13 @@ from ..pipelines.components import text_conditions, vae_latents
 from ..segment import segment
 from ..subject import Subject, latent_mask
 from . import WEIGHTS_DIR, load_pipeline
-from .claims import SEED, Group, PairVerdict, generate, judge_pair, pair_groups, routing_scenes, single_subject_groups
+from .claims import (
+    SAMPLING, SEED, Group, PairVerdict, uint8_images, generate, judge_pair, pair_groups, routing_scenes,
+    single_subject_groups,
+)
 from .evaluator import MiniEvaluator, RegionReading
 from .models import build_sampling_scheduler
-from .world import COLOURS, IMAGE_SIZE, SHAPES, Identity, MiniWorld, Render, pattern_bits, to_tensor
+from .world import COLOURS, IMAGE_SIZE, SHAPES, Identity, MiniWorld, Render, palette, pattern_bits, to_tensor
 
 PROBE_TIMESTEPS = (100, 300, 500, 700)
 ARMS = ("true", "twin", "none")  # the reference given: the subject's own, a twin's, or no subject
@@ -460,10 +471,99 @@ def layout_readings(pipe, evaluator: MiniEvaluator, count: int = 80, seed: int =
     )
 
 
+# The fixed-layout probe's cells: which references, which scene, which caption, what route.
+FIXED_LAYOUT_CELLS = {
+    "pair, true masks": dict(subjects=2, scene="pair", caption="pair", route="masks"),
+    "pair, router": dict(subjects=2, scene="pair", caption="pair", route="router"),
+    "first alone, beside the other body": dict(subjects=1, scene="pair", caption="pair", route="everywhere"),
+    "first alone, beside the other body, its own caption": dict(subjects=1, scene="pair", caption="solo", route="everywhere"),
+    "first alone, the pair's caption": dict(subjects=1, scene="solo", caption="pair", route="everywhere"),
+    "first alone": dict(subjects=1, scene="solo", caption="solo", route="everywhere"),
+}
+
+
+@dataclass
+class FixedLayoutReadings:
+    count: int
+    start_step: int
+    sigma: float  # the noise level sampling starts from
+    first_right: dict[str, float]  # per cell: the first twin's region recognised as it
+    second_right: dict[str, float]  # per two-reference cell: the same for the second twin
+    both_correct: dict[str, float]  # per two-reference cell, as `claims.Blending`
+
+
+def plain_bodies(render: Render) -> np.ndarray:
+    """The render with every subject in its body colour alone: the layout, no identity."""
+    image = render.image.copy()
+    for placement, mask in zip(render.scene.placements, render.masks):
+        image[mask] = palette(placement.identity.colour)[0]
+    return image
+
+
+def schedule_tail(start_step: int, steps: int = SAMPLING["num_inference_steps"]) -> list[float]:
+    """The sampling schedule's sigmas from `start_step` on, its final zero included."""
+    scheduler = build_sampling_scheduler()
+    scheduler.set_timesteps(steps)
+    return [float(sigma) for sigma in scheduler.sigmas[start_step:]]
+
+
+def noised_start(pipe, image: np.ndarray, sigmas: list[float], generator: torch.Generator) -> torch.Tensor:
+    """`image`'s latents noised to the first of `sigmas`, as the pipeline's `latents=` takes
+    them (it multiplies them by its scheduler's initial noise scale)."""
+    latents = vae_latents(pipe.vae, to_tensor(image)[None].to(pipe._execution_device))
+    noised = latents + sigmas[0] * torch.randn(latents.shape, generator=generator).to(latents)
+    scheduler = build_sampling_scheduler()
+    scheduler.set_timesteps(sigmas=sigmas)
+    return noised / scheduler.init_noise_sigma
+
+
+def _owned_identity(regions: list[RegionReading], mask: np.ndarray, candidates: Sequence[Identity]) -> Identity | None:
+    """The identity read in the region covering most of `mask` (at least 30 % of it)."""
+    best = max(regions, key=lambda r: int((r.mask & mask).sum()), default=None)
+    if best is None or (best.mask & mask).sum() < 0.3 * mask.sum():
+        return None
+    return candidates[best.identify(candidates)]
+
+
+@torch.no_grad()
+def fixed_layout_readings(pipe, evaluator: MiniEvaluator, count: int = 200, start_step: int = 6,
+                          seed: int = SEED) -> FixedLayoutReadings:
+    """The module docstring's fixed-layout probe, on the first `count` twin prompts of Fig. 4."""
+    world, sigmas = MiniWorld(), schedule_tail(start_step)
+    options = {k: v for k, v in SAMPLING.items() if k != "num_inference_steps"}
+    right: dict[str, list[list[bool]]] = {cell: [] for cell in FIXED_LAYOUT_CELLS}
+    both: dict[str, list[bool]] = {cell: [] for cell, c in FIXED_LAYOUT_CELLS.items() if c["subjects"] == 2}
+    for group in pair_groups(count, seed):
+        for index, (scene, candidates) in enumerate(zip(group.scenes, group.candidates)):
+            first = next(p for p in scene.placements if p.identity == group.identities[0])
+            scenes = {"pair": scene, "solo": replace(scene, placements=(first,))}
+            renders = {name: world.render(s) for name, s in scenes.items()}
+            masks = true_layout(group, scene)
+            for cell, c in FIXED_LAYOUT_CELLS.items():
+                generator = torch.Generator().manual_seed(group.seed + index)  # every cell: the same noise
+                route = {"masks": dict(subject_masks=masks[: c["subjects"]]), "router": dict(use_router=True),
+                         "everywhere": {}}[c["route"]]
+                image = pipe([scenes[c["caption"]].caption], subjects=group.subjects[: c["subjects"]],
+                             latents=noised_start(pipe, plain_bodies(renders[c["scene"]]), sigmas, generator),
+                             sigmas=sigmas, **options, **route).images
+                regions = evaluator.read(uint8_images(image))[0].regions
+                right[cell].append([_owned_identity(regions, m, candidates) == truth
+                                    for m, truth in zip(masks[: c["subjects"]], group.identities)])
+                if cell in both:
+                    both[cell].append(judge_pair(regions, candidates, group.identities).both_correct)
+    return FixedLayoutReadings(
+        sum(len(g.scenes) for g in pair_groups(count, seed)), start_step, sigmas[0],
+        {cell: float(np.mean([r[0] for r in rs])) for cell, rs in right.items()},
+        {cell: float(np.mean([r[1] for r in right[cell]])) for cell in both},
+        {cell: float(np.mean(v)) for cell, v in both.items()},
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probe", choices=("gain", "position", "pattern", "router", "sides", "layout", "ceilings"), default="gain")
-    parser.add_argument("--step", type=int, default=24, help="router probe: the step of the 25 the scenes are noised to")
+    parser.add_argument("--probe", choices=("gain", "position", "pattern", "router", "sides", "layout", "fixed", "ceilings"), default="gain")
+    parser.add_argument("--step", type=int, default=None, help="the step of the 25 the scenes are noised to "
+                        "(router probe: default 24; fixed probe: where sampling starts, default 6)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder holding base/ and the adapter")
     parser.add_argument("--adapter", default="adapter", help="adapter folder: a name inside --weights, or a path")
     parser.add_argument("--count", type=int, default=48, help="held-out targets (scenes)")
@@ -483,7 +583,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.probe == "pattern":
         result = pattern_visibility(pipe)
     elif args.probe == "router":
-        result = router_inputs(pipe, args.count, args.step)
+        result = router_inputs(pipe, args.count, 24 if args.step is None else args.step)
+    elif args.probe == "fixed":
+        pipe.set_progress_bar_config(disable=True)
+        result = fixed_layout_readings(pipe, MiniEvaluator.from_pretrained(), args.count, 6 if args.step is None else args.step)
     elif args.probe in ("sides", "layout"):
         pipe.set_progress_bar_config(disable=True)
         probe = side_readings if args.probe == "sides" else layout_readings
