@@ -41,6 +41,31 @@ def test_mismatched_weights_raise_a_clear_error(components, tmp_path, corrupt, m
         AnyStoryAdapter.from_pretrained(tmp_path)
 
 
+def test_sharded_weights_load_as_one_and_a_missing_shard_is_named(components, tmp_path):
+    adapter = make_adapter(components["unet"])
+    adapter.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / WEIGHTS_NAME).exists()
+    loaded = AnyStoryAdapter.from_pretrained(tmp_path)
+    original, restored = adapter.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    shards[-1].unlink()
+    with pytest.raises(AdapterWeightsError, match=f"incomplete.*{shards[-1].name}"):
+        AnyStoryAdapter.from_pretrained(tmp_path)
+
+
+def test_a_shard_with_a_wrong_tensor_is_caught_like_a_single_file(components, tmp_path):
+    make_adapter(components["unet"]).save_pretrained(tmp_path, max_shard_size="200KB")
+    shard = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))[0]
+    state = load_file(shard)
+    key = sorted(state)[0]
+    state[key] = torch.zeros(3, 3, 3)
+    save_file(state, shard)
+    with pytest.raises(AdapterWeightsError, match=f"wrong shape .*{key}"):
+        AnyStoryAdapter.from_pretrained(tmp_path)
+
+
 def test_pickle_weights_are_refused_unless_allowed(components, tmp_path):
     adapter = make_adapter(components["unet"])
     adapter.save_pretrained(tmp_path, safe_serialization=False)

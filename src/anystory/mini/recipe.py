@@ -46,6 +46,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..subject import Subject
+from ..utils.weight_files import load_tensors, weight_files
 from .evaluator import TRAINING_STEPS as EVALUATOR_STEPS
 from .evaluator import train_evaluator
 from .models import (
@@ -72,6 +73,9 @@ KL_WEIGHT = 1e-6
 CAPTION_DROP = 0.1
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # SDXL size/crop ids
 FINAL = "final"
+# Shipped model files are sharded below 5 MB each (diffusers/transformers `max_shard_size`),
+# so that no single tracked file is large; `from_pretrained` reads the shards as one model.
+SHARD_SIZE = "4MB"
 
 
 def _finished(directory: Path) -> bool:
@@ -150,7 +154,7 @@ def train_base(out: Path, max_steps: int | None = DEFAULT_STEPS["base"], minutes
     with a fresh optimizer, for a run that did not keep its checkpoint; `vae_dir` takes
     the VAE from elsewhere than this run's own vae phase (e.g. `init / "vae"`).
     """
-    init_files = {key: _weights_file(init / key) for key in BASE_MODULES} if init is not None else None
+    init_files = {key: weight_files(init / key) for key in BASE_MODULES} if init is not None else None
     vae = AutoencoderKL.from_pretrained(vae_dir or out / "vae" / FINAL, torch_dtype=torch.float32)
     vae.requires_grad_(False).eval()
     torch.manual_seed(seed)
@@ -193,22 +197,12 @@ def train_base(out: Path, max_steps: int | None = DEFAULT_STEPS["base"], minutes
 BASE_MODULES = ("unet", "text_encoder", "text_encoder_2")
 
 
-def _weights_file(folder: Path) -> Path:
-    """The one safetensors file of a model folder of a pipeline (checked before any work)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise FileNotFoundError(f"{folder}: expected one .safetensors file, found {len(files)}")
-    return files[0]
-
-
-def _load_weights(modules: dict[str, nn.Module], files: dict[str, Path]) -> None:
-    """Copy each module's weights from its file (stored fp16 or fp32; the modules stay
-    fp32). Keys and shapes must match exactly."""
-    from safetensors.torch import load_file
-
+def _load_weights(modules: dict[str, nn.Module], files: dict[str, list[Path]]) -> None:
+    """Copy each module's weights from its files (stored fp16 or fp32, whole or sharded;
+    the modules stay fp32). Keys and shapes must match exactly."""
     for key, module in modules.items():
-        module.load_state_dict({k: v.float() for k, v in load_file(files[key]).items()}, strict=True)
-    print(f"[base] initialised {', '.join(modules)} from {files['unet'].parent.parent}", flush=True)
+        module.load_state_dict({k: v.float() for k, v in load_tensors(files[key]).items()}, strict=True)
+    print(f"[base] initialised {', '.join(modules)} from {files['unet'][0].parent.parent}", flush=True)
 
 
 # --------------------------------------------------------------------------- vision
@@ -330,7 +324,7 @@ def assemble(out: Path, weights: Path = WEIGHTS_DIR) -> Path:
     )
     _measure_base(pipeline, out, weights)
     target = weights / "base"
-    pipeline.to(torch.float16).save_pretrained(target)
+    pipeline.to(torch.float16).save_pretrained(target, max_shard_size=SHARD_SIZE)
     for folder in ("text_encoder", "text_encoder_2", "image_encoder"):
         _declare_float32(target / folder / "config.json")
     write_model_card(out, weights)
@@ -353,7 +347,10 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
         for phase, path in [(p, out / p / "report.json") for p in ("vae", "base", "vision", "evaluator", *STAGES, "calibrate")]
         if path.exists()
     }
-    sizes = {str(f.relative_to(weights)): f.stat().st_size / 1e6 for f in sorted(weights.rglob("*.safetensors"))}
+    sizes: dict[str, float] = {}  # per model folder, its shards summed
+    for file in sorted(weights.rglob("*.safetensors")):
+        folder = str(file.parent.relative_to(weights))
+        sizes[folder] = sizes.get(folder, 0.0) + file.stat().st_size / 1e6
     lines = [
         "# Mini-world weights",
         "",
@@ -376,7 +373,7 @@ def write_model_card(out: Path, weights: Path = WEIGHTS_DIR) -> None:
         "- `adapter_clip_only/`: the paper's CLIP-only ablation (stage 1 without ReferenceNet).",
         "- `evaluator/`: the ground-truth-only evaluator (`anystory.mini.evaluator`).",
         "",
-        f"Sizes (MB, {sum(sizes.values()):.1f} in all): " + ", ".join(f"`{k}` {v:.2f}" for k, v in sizes.items()),
+        f"Sizes (MB, {sum(sizes.values()):.1f} in all, each file under 5): " + ", ".join(f"`{k}` {v:.2f}" for k, v in sizes.items()),
         "",
         "Each phase's report (steps, training minutes on the machine it ran on, held-out numbers):",
         "",
@@ -423,7 +420,7 @@ def ship_adapters(out: Path, weights: Path = WEIGHTS_DIR) -> None:
     for phase, name in (("stage2_context", "adapter"), ("stage1_clip_only", "adapter_clip_only")):
         source = out / phase / "adapter"
         if source.exists():
-            AnyStoryAdapter.from_pretrained(source).to(torch.float16).save_pretrained(weights / name)
+            AnyStoryAdapter.from_pretrained(source).to(torch.float16).save_pretrained(weights / name, max_shard_size=SHARD_SIZE)
     write_model_card(out, weights)
 
 

@@ -18,9 +18,9 @@ import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.accelerate_utils import apply_forward_hook
-from safetensors import safe_open
 from torch import nn
 
+from ..utils.weight_files import tensor_shapes, weight_files
 from .conditioning import SubjectEncodings
 from .qformer import QFormer
 from .reference_net import ReferenceNet
@@ -260,17 +260,17 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
         subfolder = kwargs.get("subfolder")
         if subfolder:
             folder = folder / subfolder
-        weights = folder / WEIGHTS_NAME
-        if folder.is_dir() and not weights.exists():
+        safetensors = [folder / WEIGHTS_NAME, folder / f"{WEIGHTS_NAME}.index.json"]  # single file or shards
+        if folder.is_dir() and not any(path.exists() for path in safetensors):
             if any(folder.glob("*.bin")) and not allow_pickle:
                 raise AdapterWeightsError(
                     f"{folder} holds only pickle weights (.bin); they can run arbitrary code when "
                     "loaded. Convert them to safetensors or pass allow_pickle=True if you trust them."
                 )
             if not any(folder.glob("*.bin")):
-                raise AdapterWeightsError(f"no adapter weights ({WEIGHTS_NAME}) in {folder}")
-        if weights.exists():
-            _check_weights(folder, weights)
+                raise AdapterWeightsError(f"no adapter weights ({WEIGHTS_NAME} or its shard index) in {folder}")
+        if any(path.exists() for path in safetensors):
+            _check_weights(folder)
             kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -282,14 +282,17 @@ def _self_attention_shapes(unet_config: dict) -> list[tuple[int, int]]:
     return [(block.attn1.query_dim, block.attn1.heads) for block in transformer_blocks(unet)]
 
 
-def _check_weights(folder: Path, weights: Path) -> None:
-    """Compare the file's keys and shapes with what the config builds (on the meta device)."""
+def _check_weights(folder: Path) -> None:
+    """Compare the weights' keys and shapes (one file or its shards) with what the config
+    builds (on the meta device)."""
     config = json.loads((folder / "config.json").read_text())
     init = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AnyStoryAdapter(**init).state_dict().items()}
-    with safe_open(weights, framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        found = tensor_shapes(weight_files(folder, WEIGHTS_NAME))
+    except FileNotFoundError as error:
+        raise AdapterWeightsError(f"adapter weights incomplete: {error}") from error
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
@@ -302,4 +305,4 @@ def _check_weights(folder: Path, weights: Path) -> None:
         k = mismatched[0]
         problems.append(f"{len(mismatched)} with the wrong shape (e.g. {k}: file {found[k]}, expected {expected[k]})")
     if problems:
-        raise AdapterWeightsError(f"adapter weights in {weights} do not match its config: " + "; ".join(problems))
+        raise AdapterWeightsError(f"adapter weights in {folder} do not match its config: " + "; ".join(problems))
