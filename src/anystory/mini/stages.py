@@ -50,8 +50,9 @@ ADAPTER_KWARGS = dict(
     routing_from_reference=True, reference_query=True,
 )
 # The learning rate is 2x the paper's 1e-4: runs here are thousands of steps, not the
-# paper's length. (A stage 1 at 6e-4 matched the shipped 28000-step fidelity in 14000 steps; it ships
-# once its stage 2 and claims are measured: docs/mini-world-training.md.) Stage 1 weights the loss 10x on subject pixels (a deviation): a single
+# paper's length. (A stage 1 at 6e-4 matched the shipped 28000-step fidelity in 14000
+# steps; whether it replaces this waits on its stage 2 and the claims, see the notebook.)
+# Stage 1 weights the loss 10x on subject pixels (a deviation): a single
 # subject covers ~13 % of the latent and its pattern far less, and with the plain mean
 # 1300 more steps left the reference's effect on the subject's noise error at ~0.1 %.
 # Stage 1 also draws timesteps from [300, 1000) only (a deviation; the paper samples all):
