@@ -209,6 +209,16 @@ def test_everything_shipped_in_the_weights_folder_stays_within_50_mb():
 
 
 @pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
+def test_base_phase_takes_a_learning_rate_and_records_it(tmp_path):
+    torch.set_num_threads(1)
+    recipe.main(["--phase", "base", "--out", str(tmp_path), "--minutes", "0", "--init", str(SHIPPED_BASE),
+                 "--lr", "1e-3"])
+    assert json.loads((tmp_path / "base" / "report.json").read_text())["lr"] == 1e-3
+    with pytest.raises(SystemExit):
+        recipe.main(["--phase", "stage1", "--lr", "1e-3"])  # the stages take train.learning_rate=
+
+
+@pytest.mark.skipif(not (SHIPPED_BASE / "model_index.json").exists(), reason="base weights not trained yet")
 def test_stage_phase_takes_trainer_overrides_and_records_them(tmp_path):
     from anystory import AnyStoryAdapter
     from anystory.mini.stages import ADAPTER_KWARGS, train_stage

@@ -1,7 +1,7 @@
 """Train the mini world's base models from nothing, phase by phase, resumably.
 
     python -m anystory.mini.recipe --phase vae|base|vision|assemble|evaluator|stage1|...|all \
-        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init DIR] [section.key=value ...]
+        [--steps N] [--minutes M] [--out runs/mini] [--threads 1] [--weights DIR] [--init DIR] [--lr LR] [section.key=value ...]
 
 Phases, with default step budgets (`DEFAULT_STEPS`; s/step measured here with one CPU
 thread, and with two where it was run so):
@@ -189,7 +189,7 @@ def train_base(out: Path, max_steps: int | None = DEFAULT_STEPS["base"], minutes
     run.save()
     for key in BASE_MODULES:
         run.final(key).save_pretrained(out / "base" / FINAL / key)
-    _write_report(out / "base", {"step": run.step, "minutes": run.elapsed / 60,
+    _write_report(out / "base", {"step": run.step, "minutes": run.elapsed / 60, "lr": lr,
                                  "started_from": str(init) if init is not None else "nothing"})
     return out / "base" / FINAL
 
@@ -448,7 +448,8 @@ def calibrate_adapter(out: Path, weights: Path = WEIGHTS_DIR, **calibration) -> 
 
 
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
-              init: Path | None = None, weights: Path = WEIGHTS_DIR, overrides: list[str] | None = None) -> None:
+              init: Path | None = None, weights: Path = WEIGHTS_DIR, overrides: list[str] | None = None,
+              lr: float | None = None) -> None:
     if phase == "assemble":
         assemble(out, weights)
         return
@@ -463,7 +464,7 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
 
         train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init, overrides=overrides)
         return
-    budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes}
+    budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes, **({"lr": lr} if lr else {})}
     if phase == "vae":
         train_vae(out, **budget)
     elif phase == "base":
@@ -494,14 +495,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from weights instead of from nothing: base, a pipeline folder "
                              "(e.g. the shipped base); stage 1 phases, an adapter folder")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of the vae, base, vision or evaluator phase (default: the phase's "
+                             "own); the stage phases take the override train.learning_rate=...")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="stage phases: Trainer config overrides, e.g. 'model.adapter_kwargs={reference_query: true}'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.overrides and args.phase not in STAGES:
         parser.error(f"config overrides apply to the stage phases ({', '.join(STAGES)}), not {args.phase}")
+    if args.lr is not None and args.phase not in DEFAULT_STEPS:
+        parser.error(f"--lr applies to the phases {', '.join(DEFAULT_STEPS)}; "
+                     f"{args.phase} takes train.learning_rate=... or has no optimizer")
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights, args.overrides)
+        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights, args.overrides, args.lr)
         return
     for phase in PHASES:
         if phase in ("assemble", "ship", "calibrate") or not _finished(args.out / phase):
