@@ -76,7 +76,8 @@ ADAPTER_KWARGS = dict(
 # to 0.130 (200 held-out prompts); but single-subject fidelity fell from 0.800 to 0.680,
 # blending rose from 0.170 to 0.240 and routing IoU fell from 0.323 to 0.259, so it does not ship.
 # Mixes with 0.7 of the targets alone (0.2 or 0.3 with two subjects, 0.1 or none with three)
-# cost fidelity as much (0.700-0.735 after 1500-3000 steps; docs/mini-world-training.md).
+# cost fidelity as much (0.700-0.735 after 1500-3000 steps), and so does the 0.7 / 0.3 mix
+# from a fresh adapter (0.760 after 14000 steps at 6e-4; docs/mini-world-training.md).
 # `router_context` (a deviation, see `anystory.models.router.LatentContext`) is its own
 # phase, stage2_context, on top of stage 2's trained router, its convolutions trained alone
 # and used only where two or more subjects are routed: 2500 stage-2 steps with 2 of them
