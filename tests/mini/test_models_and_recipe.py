@@ -235,6 +235,20 @@ def test_stage_phase_takes_trainer_overrides_and_records_them(tmp_path):
         recipe.main(["--phase", "base", "train.batch_size=2"])  # overrides are for the stages only
 
 
+def test_stage_1_takes_target_sizes_and_records_them(tmp_path):
+    from anystory.mini.stages import train_stage
+
+    torch.set_num_threads(1)
+    train_stage("stage1", tmp_path, base=SHIPPED_BASE, steps=1, overrides=["train.batch_size=2"],
+                target_sizes=(0.5, 0.4, 0.1))
+    assert json.loads((tmp_path / "stage1" / "report.json").read_text())["target_sizes"] == [0.5, 0.4, 0.1]
+    with pytest.raises(ValueError, match="target_sizes"):
+        train_stage("stage2", tmp_path, base=SHIPPED_BASE, steps=1, target_sizes=(0.5, 0.5, 0.0))
+    for argv in (["--phase", "stage1", "--target-sizes", "0.5,0.6,0"], ["--phase", "stage2", "--target-sizes", "1,0,0"]):
+        with pytest.raises(SystemExit):
+            recipe.main(argv)
+
+
 def test_calibration_picks_the_most_accurate_and_on_ties_the_least_departure_from_training():
     from anystory.mini.calibration import Sampling, SamplingCalibration
 

@@ -19,6 +19,7 @@ from anystory.mini.world import (
     ScenePairDataset,
     TextToImageDataset,
     canonical_pattern,
+    check_target_sizes,
     distractors,
     identities,
     mirror_pattern,
@@ -157,6 +158,38 @@ def test_pairs_show_one_identity_in_two_contexts(world):
     sample = PairDataset(world)[5]
     assert sample["reference_mask"].sum() > 100 and sample["mask"].sum() > 100
     assert not torch.equal(sample["reference"], sample["image"])
+
+
+def test_a_lone_subject_can_take_the_sizes_of_a_crowded_scene(world):
+    rng = np.random.default_rng(3)
+    identity = world.sample_identity(rng)
+    for sizes_of, (low, high) in ((1, (26, 36)), (2, (22, 28)), (3, (17, 20))):
+        sizes = [world.sample_scene(rng, [identity], sizes_of=sizes_of).placements[0].size for _ in range(20)]
+        assert low <= min(sizes) and max(sizes) <= high
+    with pytest.raises(ValueError, match="sizes_of"):
+        world.sample_scene(rng, [identity], sizes_of=4)
+
+
+def test_pair_targets_default_to_lone_sizes_drawn_as_the_shipped_set_was(world):
+    """The default draws no size: its samples are the stream the shipped stage 1 trained on."""
+    data = PairDataset(world, seed=11)
+    rng = data.rng(7)
+    identity = world.sample_identity(rng, "train")
+    world.sample_scene(rng, [identity])  # the reference
+    target = world.render(world.sample_scene(rng, [identity]))
+    assert torch.equal(data[7]["mask"], torch.from_numpy(target.masks).float())
+
+
+def test_pair_targets_can_be_drawn_at_the_sizes_of_pairs_and_trios(world):
+    lone, trio = PairDataset(world, seed=11), PairDataset(world, seed=11, target_sizes=(0, 0, 1))
+    for i in range(12):
+        small, sample = trio[i], lone[i]
+        assert small["identities"] == sample["identities"]  # the same pair, its target smaller
+        assert small["mask"].sum() < 0.6 * sample["reference_mask"].sum()
+    with pytest.raises(ValueError, match="target_sizes"):
+        check_target_sizes((0.5, 0.5))
+    with pytest.raises(ValueError, match="target_sizes"):
+        PairDataset(world, target_sizes=(0.6, 0.6, 0.0))
 
 
 def test_scene_pairs_reference_each_subject_alone_elsewhere_in_mask_order(world):

@@ -61,7 +61,7 @@ from .models import (
     build_vae,
 )
 from .training import ResumableRun, batch_at
-from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, WorldDataset
+from .world import COLOURS, IMAGE_SIZE, SHAPES, MiniWorld, TextToImageDataset, WorldDataset, check_target_sizes
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Step budgets (speeds in the module docstring). The base dominates: the 2-hour recipe
@@ -449,7 +449,7 @@ def calibrate_adapter(out: Path, weights: Path = WEIGHTS_DIR, **calibration) -> 
 
 def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | None = None,
               init: Path | None = None, weights: Path = WEIGHTS_DIR, overrides: list[str] | None = None,
-              lr: float | None = None) -> None:
+              lr: float | None = None, target_sizes: tuple[float, ...] | None = None) -> None:
     if phase == "assemble":
         assemble(out, weights)
         return
@@ -462,7 +462,8 @@ def run_phase(phase: str, out: Path, steps: int | None = None, minutes: float | 
     if phase in STAGES:
         from .stages import train_stage
 
-        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init, overrides=overrides)
+        sizes = {"target_sizes": target_sizes} if target_sizes else {}
+        train_stage(phase, out, base=weights / "base", steps=steps, init_adapter=init, overrides=overrides, **sizes)
         return
     budget = {"max_steps": steps or DEFAULT_STEPS[phase], "minutes": minutes, **({"lr": lr} if lr else {})}
     if phase == "vae":
@@ -482,6 +483,14 @@ STAGES = ("stage1", "stage2", "stage2_context", "stage1_clip_only")  # AnyStory 
 PHASES = ("vae", "base", "vision", "evaluator", "assemble", *STAGES, "ship", "calibrate")
 
 
+def _probabilities(text: str) -> tuple[float, ...]:
+    """argparse type of `--target-sizes`: comma-separated probabilities, validated by the world."""
+    try:
+        return check_target_sizes(float(p) for p in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", required=True, choices=(*PHASES, "all"))
@@ -498,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate of the vae, base, vision or evaluator phase (default: the phase's "
                              "own); the stage phases take the override train.learning_rate=...")
+    parser.add_argument("--target-sizes", type=_probabilities, default=None, metavar="P1,P2,P3",
+                        help="stage 1 phases: probabilities that a pair's target shows its subject at the "
+                             "sizes of a 1-, 2- or 3-subject scene (default 1,0,0: lone-subject sizes, the "
+                             "shipped set's data)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="stage phases: Trainer config overrides, e.g. 'model.adapter_kwargs={reference_query: true}'")
     args = parser.parse_args(argv)
@@ -507,8 +520,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.lr is not None and args.phase not in DEFAULT_STEPS:
         parser.error(f"--lr applies to the phases {', '.join(DEFAULT_STEPS)}; "
                      f"{args.phase} takes train.learning_rate=... or has no optimizer")
+    if args.target_sizes is not None and args.phase not in ("stage1", "stage1_clip_only"):
+        parser.error(f"--target-sizes applies to the stage 1 phases, not {args.phase}")
     if args.phase != "all":
-        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights, args.overrides, args.lr)
+        run_phase(args.phase, args.out, args.steps, args.minutes, args.init, args.weights, args.overrides, args.lr,
+                  args.target_sizes)
         return
     for phase in PHASES:
         if phase in ("assemble", "ship", "calibrate") or not _finished(args.out / phase):

@@ -27,7 +27,9 @@ from PIL import Image
 
 from ..training import Record, Trainer
 from ..training.config import apply_override, config_from_dict
-from .world import IMAGE_SIZE, Identity, MiniWorld, PairDataset, SceneDataset, ScenePairDataset, WorldDataset
+from .world import (
+    IMAGE_SIZE, LONE_SIZES, Identity, MiniWorld, PairDataset, SceneDataset, ScenePairDataset, WorldDataset,
+)
 
 BASE_WEIGHTS = Path(__file__).parent / "weights" / "base"
 SOURCE_LENGTH = 200_000  # samples per epoch; each is rendered on demand
@@ -107,8 +109,10 @@ def _image(array: np.ndarray) -> Image.Image:
 class PairRecords:
     """Stage-1 records: the target scene and its subject, referenced from another context."""
 
-    def __init__(self, split: str = "train", seed: int = 11, length: int = SOURCE_LENGTH):
-        self.data: WorldDataset = PairDataset(MiniWorld(), split=split, seed=seed, length=length)
+    def __init__(self, split: str = "train", seed: int = 11, length: int = SOURCE_LENGTH,
+                 target_sizes: tuple[float, ...] = LONE_SIZES):
+        self.data: WorldDataset = PairDataset(MiniWorld(), split=split, seed=seed, length=length,
+                                              target_sizes=target_sizes)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -184,19 +188,31 @@ def stage_config(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | 
 
 
 def train_stage(phase: str, out: Path, base: Path = BASE_WEIGHTS, steps: int | None = None,
-                init_adapter: Path | None = None, overrides: list[str] | None = None) -> Path:
+                init_adapter: Path | None = None, overrides: list[str] | None = None,
+                target_sizes: tuple[float, ...] = LONE_SIZES) -> Path:
     """Run (or resume) one AnyStory stage; returns the exported adapter folder and writes
     the phase's report (its step budget and this run's wall-clock minutes). `overrides`
-    are the Trainer config's `section.key=value` (for ablations of the recipe)."""
+    are the Trainer config's `section.key=value` (for ablations of the recipe);
+    `target_sizes` is stage 1's `PairDataset.target_sizes` (its pairs' target sizes)."""
     raw = stage_config(phase, out, base, steps, init_adapter)
     for override in overrides or []:
         apply_override(raw, override)
     config = config_from_dict(raw)
-    source = SceneRecords() if STAGE_SETTINGS[phase]["stage"] == 2 else ScenePairRecords() if config.train.layout_routing else PairRecords()
+    source = _records(STAGE_SETTINGS[phase]["stage"], config.train.layout_routing, target_sizes)
     start = time.monotonic()
     adapter = Trainer(config, STAGE_SETTINGS[phase]["stage"], source=source).train()
     report = {"steps": config.train.max_steps, "batch_size": config.train.batch_size,
               "minutes_this_run": (time.monotonic() - start) / 60,
-              "started_from": config.model.adapter or "a fresh adapter", "overrides": overrides or []}
+              "started_from": config.model.adapter or "a fresh adapter", "overrides": overrides or [],
+              **({"target_sizes": list(target_sizes)} if target_sizes != LONE_SIZES else {})}
     (out / phase / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return adapter
+
+
+def _records(stage: int, layout_routing: bool, target_sizes: tuple[float, ...]) -> PairRecords:
+    """The phase's data: stage 2's scenes, `layout_routing`'s scene pairs or the paper's pairs."""
+    if (stage == 2 or layout_routing) and target_sizes != LONE_SIZES:
+        raise ValueError("target_sizes applies to stage 1's single-subject pairs, not to scenes")
+    if stage == 2:
+        return SceneRecords()
+    return ScenePairRecords() if layout_routing else PairRecords(target_sizes=target_sizes)

@@ -371,11 +371,13 @@ class MiniWorld:
         subjects: Sequence[Identity],
         background: str | None = None,
         positions: Sequence[str] | None = None,
+        sizes_of: int | None = None,
     ) -> Scene:
         """A scene with `subjects` placed left to right at random sizes, angles and flips.
 
         One subject goes to a random third (or `positions[0]`); two go left and right;
-        three go left, middle and right.
+        three go left, middle and right. Subjects take the sizes of a scene of their own
+        count, or of `sizes_of` subjects (a lone subject drawn as small as in a pair).
         """
         count = len(subjects)
         if not 1 <= count <= MAX_SUBJECTS:
@@ -385,7 +387,10 @@ class MiniWorld:
             slots = (POSITIONS[rng.integers(3)],)
         if len(slots) != count:
             raise ValueError(f"{count} subjects need {count} positions, got {slots}")
-        placements = self._place(rng, subjects, slots)
+        sizes_of = count if sizes_of is None else sizes_of
+        if sizes_of not in _SIZE_RANGE:
+            raise ValueError(f"sizes_of must be a subject count in {sorted(_SIZE_RANGE)}, got {sizes_of}")
+        placements = self._place(rng, subjects, slots, _SIZE_RANGE[sizes_of])
         if background is None:
             background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
         return Scene(
@@ -397,10 +402,11 @@ class MiniWorld:
         )
 
     def _place(
-        self, rng: np.random.Generator, subjects: Sequence[Identity], slots: Sequence[str]
+        self, rng: np.random.Generator, subjects: Sequence[Identity], slots: Sequence[str],
+        size_range: tuple[float, float],
     ) -> tuple[Placement, ...]:
         """Rejection-sample centres inside each slot's third with no overlaps."""
-        low, high = _SIZE_RANGE[len(subjects)]
+        low, high = size_range
         third = IMAGE_SIZE / 3
         for _ in range(200):
             boxes, placements = [], []
@@ -496,6 +502,18 @@ class WorldDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
 
+LONE_SIZES = (1.0, 0.0, 0.0)
+
+
+def check_target_sizes(probs: Sequence[float]) -> tuple[float, ...]:
+    """Validate `PairDataset.target_sizes`: one probability per subject count, summing to 1."""
+    probs = tuple(float(p) for p in probs)
+    if len(probs) != MAX_SUBJECTS or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        raise ValueError(f"target_sizes needs {MAX_SUBJECTS} non-negative probabilities (1-, 2-, 3-subject sizes) "
+                         f"summing to 1, got {probs}")
+    return probs
+
+
 def _names(scene: Scene) -> str:
     """Identity names of a scene's subjects, left to right, joined by '|' (collatable)."""
     return "|".join(p.identity.name for p in scene.placements)
@@ -520,14 +538,28 @@ class TextToImageDataset(WorldDataset):
 
 
 class PairDataset(WorldDataset):
-    """Stage-1 pairs: one identity in two independent contexts (reference, target)."""
+    """Stage-1 pairs: one identity in two independent contexts (reference, target).
+
+    `target_sizes`: probabilities that the target shows its subject at the sizes of a 1-,
+    2- or 3-subject scene. The default (lone-subject sizes only) is the shipped set's data;
+    smaller targets teach the encoder to copy at the sizes that pairs and trios are drawn
+    at, instead of drawing every subject as large as a lone one.
+    """
 
     stream = 2
+
+    def __init__(self, world: MiniWorld, split: Split = "train", seed: int = 0, length: int = 10**9,
+                 target_sizes: Sequence[float] = LONE_SIZES):
+        super().__init__(world, split, seed, length)
+        self.target_sizes = check_target_sizes(target_sizes)
 
     def sample(self, rng: np.random.Generator) -> dict:
         identity = self.world.sample_identity(rng, self.split)
         reference = self.world.render(self.world.sample_scene(rng, [identity]))
-        target = self.world.render(self.world.sample_scene(rng, [identity]))
+        sizes_of = 1  # drawn only when asked, so that the default keeps the shipped set's samples
+        if self.target_sizes != LONE_SIZES:
+            sizes_of = int(rng.choice(MAX_SUBJECTS, p=self.target_sizes)) + 1
+        target = self.world.render(self.world.sample_scene(rng, [identity], sizes_of=sizes_of))
         return {
             "reference": to_tensor(reference.image),
             "reference_mask": torch.from_numpy(reference.masks).float(),
