@@ -31,8 +31,13 @@ def test_a_mapping_override_merges_into_the_mapping_it_names():
 @pytest.mark.parametrize(
     "override, message",
     [("train.max_step=3", "unknown key"), ("nosection.x=1", "unknown config section"), ("train.max_steps", "section.key=value"),
-     ("train.learning_rate=fast", "must be a number")],
+     ("train.learning_rate=fast", "must be a number"), ("train.mixed_precision=fp8", "must be one of")],
 )
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "tiny_stage1.yaml", [override])
+
+
+def test_mixed_precision_no_survives_yaml_reading_it_as_false():
+    # YAML 1.1 reads a bare `no` as False; accelerate then fails with "Unknown mode: False".
+    assert load_config(CONFIGS / "tiny_stage1.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"

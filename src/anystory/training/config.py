@@ -151,7 +151,21 @@ def _build_section(cls, values: dict, name: str):
             values[key] = tuple(value)
         elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
             values[key] = _to_float(value, f"{name}.{key}")  # YAML reads "1e-4" as a string
-    return cls(**values)
+        elif isinstance(default, str) and isinstance(value, bool):
+            values[key] = "yes" if value else "no"  # YAML 1.1 reads `mixed_precision: no` as False
+    section = cls(**values)
+    _check_choices(section, name)
+    return section
+
+
+# String keys with a closed set of values, checked here rather than deep inside accelerate.
+CHOICES = {("train", "mixed_precision"): ("no", "fp16", "bf16")}
+
+
+def _check_choices(section, name: str) -> None:
+    for (section_name, key), allowed in CHOICES.items():
+        if section_name == name and getattr(section, key) not in allowed:
+            raise ConfigError(f"config key {name}.{key} must be one of {list(allowed)}, got {getattr(section, key)!r}")
 
 
 def _to_float(value, key: str) -> float:
