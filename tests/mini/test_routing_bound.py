@@ -125,3 +125,15 @@ def test_a_segmenter_learns_to_find_subjects_in_clean_latents():
     after = score(model, scenes, clean, grids=[16]).mean
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
     assert after > 0.5 and after > before + 0.3
+
+
+def test_divided_schedule_halves_each_sigma_at_the_timestep_the_training_schedule_gives_it():
+    scheduler = build_sampling_scheduler()
+    scheduler.set_timesteps(25)
+    schedule = Schedule(scheduler.sigmas[:25].float(), scheduler.timesteps[:25].float())
+    same = schedule.divided(1, scheduler.alphas_cumprod)
+    torch.testing.assert_close(same.sigmas, schedule.sigmas)
+    torch.testing.assert_close(same.timesteps, schedule.timesteps, atol=1.0, rtol=0)  # Karras steps sit between integers
+    half = schedule.divided(2, scheduler.alphas_cumprod)
+    torch.testing.assert_close(half.sigmas * 2, schedule.sigmas)
+    assert (half.timesteps < schedule.timesteps).all() and (half.timesteps[:-1] > half.timesteps[1:]).all()

@@ -19,7 +19,8 @@ grid, `routing_iou` there, on the claim's held-out scenes, per step and over all
 A trained segmenter bounds the best achievable IoU from below; what it misses at the
 noisiest steps is what the latent no longer holds.
 
-    python -m anystory.mini.routing_bound [--steps 4000] [--scenes 20000] [--count 200] [--threads 2] [--out runs/bound]
+    python -m anystory.mini.routing_bound [--steps 4000] [--scenes 20000] [--count 200] [--threads 2]
+        [--divisors 1,2,4,8] [--segmenter runs/bound/segmenter.safetensors] [--out runs/bound]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models import RecordedMaps
@@ -159,6 +160,16 @@ class Schedule:
         scheduler.set_timesteps(steps)
         return cls(scheduler.sigmas[:steps].float(), scheduler.timesteps[:steps].float())
 
+    def divided(self, divisor: float, alphas_cumprod: torch.Tensor) -> "Schedule":
+        """The same steps at sigma / divisor: the noise a subject of the same share of the
+        image has on its mean when it covers divisor^2 times the latent cells (a latent
+        `divisor` times wider). Timesteps by log-sigma interpolation of the training schedule."""
+        alphas = alphas_cumprod.double()
+        train_sigmas = ((1 - alphas) / alphas).sqrt().log().numpy()
+        sigmas = self.sigmas / divisor
+        timesteps = np.interp(sigmas.log().numpy(), train_sigmas, np.arange(len(train_sigmas)))
+        return Schedule(sigmas, torch.tensor(timesteps, dtype=torch.float32))
+
     def noised(self, latents: torch.Tensor, steps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Euler's add_noise then scale_model_input: (x + sigma eps) / sqrt(sigma^2 + 1)."""
         sigma = self.sigmas[steps][:, None, None, None]
@@ -248,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=20000, help="training-identity scenes to learn from")
     parser.add_argument("--count", type=int, default=200, help="the routing claim's held-out scenes to score")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--divisors", default="1", help="also score at sigma / d for each d (comma-separated): "
+                        "the noise of a latent d times wider")
+    parser.add_argument("--segmenter", type=Path, help="score this trained segmenter.safetensors instead of training one")
     parser.add_argument("--out", type=Path, default=Path("runs/bound"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -256,14 +270,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     world, schedule = MiniWorld(), Schedule.of(pipe)
     grids = routed_grids(pipe.unet, pipe.default_sample_size)
     model = PrivilegedSegmenter(latent_channels=pipe.vae.config.latent_channels)
-    train_segmenter(model, encode_scenes(training_renders(world, args.scenes), pipe.vae), schedule, args.steps)
-    held_out = encode_scenes([world.render(group.scenes[0]) for group in routing_scenes(args.count)], pipe.vae)
-    bound = score(model, held_out, schedule, grids)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bound.json").write_text(json.dumps({"grids": grids, **asdict(bound)}, indent=2))
-    save_file(model.state_dict(), str(args.out / "segmenter.safetensors"))
-    print(json.dumps({"mean": round(bound.mean, 3), "by_scene": {k: round(v, 3) for k, v in bound.by_scene.items()},
-                      "per_step": [round(v, 3) for v in bound.per_step]}))
+    if args.segmenter:
+        model.load_state_dict(load_file(str(args.segmenter)))
+        model.eval()
+    else:
+        train_segmenter(model, encode_scenes(training_renders(world, args.scenes), pipe.vae), schedule, args.steps)
+        save_file(model.state_dict(), str(args.out / "segmenter.safetensors"))
+    held_out = encode_scenes([world.render(group.scenes[0]) for group in routing_scenes(args.count)], pipe.vae)
+    bounds = {}
+    for divisor in (float(d) for d in args.divisors.split(",")):
+        at = schedule if divisor == 1 else schedule.divided(divisor, pipe.scheduler.alphas_cumprod)
+        bounds[f"sigma / {divisor:g}"] = bound = score(model, held_out, at, grids)
+        print(f"sigma / {divisor:g}:", json.dumps({"mean": round(bound.mean, 3), "by_scene": {k: round(v, 3) for k, v in bound.by_scene.items()},
+                                                  "per_step": [round(v, 3) for v in bound.per_step]}), flush=True)
+    (args.out / "bound.json").write_text(json.dumps({"grids": grids, **{k: asdict(b) for k, b in bounds.items()}}, indent=2))
 
 
 if __name__ == "__main__":
