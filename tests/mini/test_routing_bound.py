@@ -13,6 +13,7 @@ from anystory.mini.routing_bound import (
     PrivilegedSegmenter,
     Schedule,
     Scenes,
+    layers_of_sides,
     owner_labels,
     routed_grids,
     score,
@@ -100,6 +101,14 @@ def test_noise_is_the_samplers_add_noise_and_input_scaling_at_each_step():
 def test_routed_grids_are_the_claims_layer_grids_of_the_shipped_u_net():
     pipe = load_pipeline()
     assert routed_grids(pipe.unet, pipe.default_sample_size) == [16, 8, 4, 4, 4, 4, 8, 8, 16, 16]
+
+
+def test_layers_of_sides_keeps_the_named_grids_in_order_and_names_a_side_no_layer_has():
+    grids = [16, 8, 4, 4, 4, 4, 8, 8, 16, 16]
+    assert layers_of_sides(grids, None) == grids
+    assert layers_of_sides(grids, "16,8") == [16, 8, 8, 8, 16, 16]
+    with pytest.raises(ValueError, match="--sides 32.*4, 8, 16"):
+        layers_of_sides(grids, "32")
 
 
 def test_a_segmenter_learns_to_find_subjects_in_clean_latents():

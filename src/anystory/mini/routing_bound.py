@@ -20,7 +20,10 @@ A trained segmenter bounds the best achievable IoU from below; what it misses at
 noisiest steps is what the latent no longer holds.
 
     python -m anystory.mini.routing_bound [--steps 4000] [--scenes 20000] [--count 200] [--threads 2]
-        [--divisors 1,2,4,8] [--segmenter runs/bound/segmenter.safetensors] [--out runs/bound]
+        [--divisors 1,2,4,8] [--sides 16,8] [--segmenter runs/bound/segmenter.safetensors] [--out runs/bound]
+
+`--sides` scores only the routed layers of those grid sides: what a U-Net without attention
+at its coarsest level (as SDXL has none at its finest) would leave to its router.
 """
 
 from __future__ import annotations
@@ -197,6 +200,16 @@ def routed_grids(unet, latent_side: int) -> list[int]:
     return sides
 
 
+def layers_of_sides(grids: Sequence[int], sides: str | None) -> list[int]:
+    """The routed layers' grids kept by a comma-separated list of sides (all when None)."""
+    if sides is None:
+        return list(grids)
+    wanted = {int(side) for side in sides.split(",")}
+    if not wanted & set(grids):
+        raise ValueError(f"--sides {sides}: no routed layer has such a grid; the U-Net's are {sorted(set(grids))}")
+    return [side for side in grids if side in wanted]
+
+
 def train_segmenter(model: PrivilegedSegmenter, scenes: Scenes, schedule: Schedule, steps: int,
                     batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0, log_every: int = 250) -> list[float]:
     """Cross-entropy at steps of the schedule drawn uniformly, as the claim weighs them."""
@@ -261,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--divisors", default="1", help="also score at sigma / d for each d (comma-separated): "
                         "the noise of a latent d times wider")
+    parser.add_argument("--sides", help="score only the routed layers of these grid sides (comma-separated; default all)")
     parser.add_argument("--segmenter", type=Path, help="score this trained segmenter.safetensors instead of training one")
     parser.add_argument("--out", type=Path, default=Path("runs/bound"))
     args = parser.parse_args(argv)
@@ -268,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     pipe = load_pipeline(weights=args.weights)
     world, schedule = MiniWorld(), Schedule.of(pipe)
-    grids = routed_grids(pipe.unet, pipe.default_sample_size)
+    grids = layers_of_sides(routed_grids(pipe.unet, pipe.default_sample_size), args.sides)
     model = PrivilegedSegmenter(latent_channels=pipe.vae.config.latent_channels)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.segmenter:
